@@ -1,0 +1,194 @@
+"""The concepts of the embedded world, their synonyms and the caption grammar.
+
+Every concept axis (shape, colour, texture, background) has a canonical word per value and
+at least two synonyms. Captions are sampled from several sentence templates; some captions
+leave axes out so the model also learns the marginals.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+AXES: tuple[str, ...] = ("shape", "colour", "texture", "background")
+
+SHAPES: dict[str, tuple[str, ...]] = {
+    "circle": ("disc", "orb"),
+    "square": ("box", "block"),
+    "triangle": ("wedge", "delta"),
+    "star": ("pentagram", "asterisk"),
+    "heart": ("valentine", "love"),
+    "cross": ("plus", "cruciform"),
+    "crescent": ("moon", "sickle"),
+    "hexagon": ("hex", "honeycomb"),
+}
+COLOURS: dict[str, tuple[str, ...]] = {
+    "red": ("crimson", "scarlet"),
+    "orange": ("tangerine", "amber"),
+    "yellow": ("golden", "lemon"),
+    "green": ("emerald", "lime"),
+    "cyan": ("turquoise", "aqua"),
+    "blue": ("azure", "cobalt"),
+    "purple": ("violet", "plum"),
+    "pink": ("rose", "fuchsia"),
+}
+TEXTURES: dict[str, tuple[str, ...]] = {
+    "solid": ("plain", "flat"),
+    "striped": ("stripy", "banded"),
+    "dotted": ("spotted", "polka"),
+    "checkered": ("chequered", "checkerboard"),
+}
+BACKGROUNDS: dict[str, tuple[str, ...]] = {
+    "white": ("snowy", "ivory"),
+    "black": ("dark", "night"),
+    "sky": ("skies", "heavens"),
+    "grass": ("lawn", "meadow"),
+}
+
+CONCEPTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": SHAPES,
+    "colour": COLOURS,
+    "texture": TEXTURES,
+    "background": BACKGROUNDS,
+}
+
+#: Sentence templates. Slots: {a} article + noun phrase is built by the template itself.
+#: ``{tex}``/``{col}`` are adjective slots ("" when the axis is left out), ``{shape}`` is the
+#: noun (a generic noun when left out), trailing phrases carry texture/background.
+TEMPLATES: tuple[str, ...] = (
+    "a {tex}{col}{shape}{bg_on}",
+    "a photo of a {col}{tex}{shape}{bg_against}",
+    "an image of a {col}{shape}{tex_with}{bg_over}",
+    "{col}{tex}{shape}{bg_comma}",
+    "a drawing of a {tex}{shape}{col_in}{bg_on}",
+    "{bg_pre}a {col}{tex}{shape}",
+    "a picture of a {col}{shape}{tex_with}{bg_against}",
+)
+
+GENERIC_NOUNS: tuple[str, ...] = ("shape", "object")
+
+
+def all_words() -> list[str]:
+    """Every word a world caption can contain, sorted (the tokenizer's word list)."""
+    words: set[str] = set(GENERIC_NOUNS)
+    for axis in CONCEPTS.values():
+        for canon, syns in axis.items():
+            words.add(canon)
+            words.update(syns)
+    for t in TEMPLATES:
+        filled = t
+        for slot in ("{tex}", "{col}", "{shape}", "{bg_on}", "{bg_against}", "{bg_over}",
+                     "{bg_comma}", "{bg_pre}", "{tex_with}", "{col_in}"):
+            filled = filled.replace(slot, " ")
+        words.update(w for w in filled.replace(",", " ").split() if w)
+    words.update(("an", "on", "background", "against", "backdrop", "over", "with", "pattern",
+                  "in", "texture"))
+    return sorted(words)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The true concept values of one rendered image (canonical names)."""
+
+    shape: str
+    colour: str
+    texture: str
+    background: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"shape": self.shape, "colour": self.colour, "texture": self.texture,
+                "background": self.background}
+
+    def index(self) -> tuple[int, int, int, int]:
+        """Class indices per axis, in ``AXES`` order."""
+        return tuple(list(CONCEPTS[a]).index(getattr(self, a)) for a in AXES)  # type: ignore[return-value]
+
+
+def _article_fix(text: str) -> str:
+    words = text.split(" ")
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an") and words[i + 1]:
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def caption(
+    labels: Labels | dict[str, str | None],
+    rng: random.Random,
+    *,
+    template: int | None = None,
+    synonym_p: float = 0.5,
+    drop_p: float = 0.0,
+) -> str:
+    """Build one caption for ``labels``.
+
+    Args:
+        labels: canonical values; an axis set to ``None`` is left out of the caption.
+        rng: source of randomness (template, synonyms, dropped axes).
+        template: index into ``TEMPLATES``; random when ``None``.
+        synonym_p: probability that each mentioned value is replaced by a random synonym.
+        drop_p: probability that each axis is left out.
+    """
+    values = labels.as_dict() if isinstance(labels, Labels) else dict(labels)
+    words: dict[str, str | None] = {}
+    for axis in AXES:
+        v = values.get(axis)
+        if v is not None and rng.random() < drop_p:
+            v = None
+        if v is not None and rng.random() < synonym_p:
+            v = rng.choice(CONCEPTS[axis][v])
+        words[axis] = v
+    t = TEMPLATES[rng.randrange(len(TEMPLATES)) if template is None else template]
+    tex, col, bg = words["texture"], words["colour"], words["background"]
+    slots = {
+        "tex": f"{tex} " if tex else "",
+        "col": f"{col} " if col else "",
+        "shape": words["shape"] or rng.choice(GENERIC_NOUNS),
+        "bg_on": f" on a {bg} background" if bg else "",
+        "bg_against": f" against a {bg} backdrop" if bg else "",
+        "bg_over": f" over a {bg} background" if bg else "",
+        "bg_comma": f", {bg} background" if bg else "",
+        "bg_pre": f"on a {bg} background, " if bg else "",
+        "tex_with": f" with a {tex} texture" if tex else "",
+        "col_in": f" in {col}" if col else "",
+    }
+    return _article_fix(t.format(**slots))
+
+
+def canonical_of(axis: str, word: str) -> str:
+    """Map a canonical word or synonym of ``axis`` to its canonical value."""
+    for canon, syns in CONCEPTS[axis].items():
+        if word == canon or word in syns:
+            return canon
+    raise KeyError(f"{word!r} is not a {axis} of the world")
+
+
+def find_axis(word: str) -> tuple[str, str] | None:
+    """Return ``(axis, canonical)`` for a world concept word or synonym, else ``None``."""
+    for axis in AXES:
+        try:
+            return axis, canonical_of(axis, word)
+        except KeyError:
+            continue
+    return None
+
+
+def erase_templates(axis: str = "shape") -> tuple[str, ...]:
+    """Prompt templates (``{}`` = the concept) that cover how world captions use an ``axis`` value.
+
+    Closed-form methods erase the rows of the prompts they are shown; world captions put
+    adjectives before a shape and a background after it, so erasing over these templates
+    reaches the contexts the model was trained on (as UCE's "painting by {}" does for art).
+    """
+    if axis == "shape":
+        out = ["{}", "a {}", "a photo of a {}", "an image of a {}", "a drawing of a {}", "a picture of a {}"]
+        out += [f"a {c} {{}}" for c in COLOURS] + [f"a {t} {{}}" for t in TEXTURES]
+        out += [f"a {{}} on a {b} background" for b in BACKGROUNDS]
+        return tuple(out)
+    if axis == "colour":
+        return tuple(["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES])
+    if axis == "texture":
+        return tuple(["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES])
+    if axis == "background":
+        return tuple(["{}", "on a {} background", "against a {} backdrop"] + [f"a {s} on a {{}} background" for s in SHAPES])
+    raise KeyError(f"unknown axis {axis!r}; known: {', '.join(AXES)}")
