@@ -1,0 +1,386 @@
+"""Train the embedded world from a seed: judge classifier, VAE, then UNet + text encoder.
+
+The result is a plain diffusers ``StableDiffusionPipeline`` folder (``AutoencoderKL``,
+``UNet2DConditionModel`` with cross-attention, ``CLIPTextModel``, ``CLIPTokenizer`` built from
+the world vocabulary, ``DDIMScheduler``) plus the classifier's safetensors and a model card.
+
+Recipe notes (see the model card for measured figures):
+- v-prediction with a cosine schedule (alpha_bar_T ~ 0, so sampling from pure noise matches
+  training), min-SNR loss weighting, EMA weights for sampling.
+- the text encoder is trained jointly; an auxiliary loss pulls a caption and the same caption
+  written with synonyms together, so synonyms share geometry in the K/V input space.
+- 10 % of the full (shape, colour, texture, background) combinations are never rendered for
+  training: fidelity is measured on those prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classifier import evaluate_classifier, save_classifier, to_input, train_classifier
+from .render import render
+from .tokenizer import make_tokenizer, write_tokenizer_files
+from .vocab import AXES, CONCEPTS, TEMPLATES, Labels, caption
+
+SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 2.0}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``erasekit world train``; the defaults reproduce the shipped model."""
+
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    pool: int = field(default=30000, metadata={"help": "rendered training images"})
+    classifier_steps: int = field(default=1200, metadata={"help": "judge training steps"})
+    vae_steps: int = field(default=900, metadata={"help": "VAE training steps"})
+    unet_steps: int = field(default=3600, metadata={"help": "UNet + text encoder steps"})
+    batch_size: int = field(default=32, metadata={"help": "UNet batch size"})
+    lr: float = field(default=5e-4, metadata={"help": "UNet/text-encoder peak learning rate"})
+    drop_axis_p: float = field(default=0.15, metadata={"help": "chance an axis is left out of a caption"})
+    synonym_p: float = field(default=0.5, metadata={"help": "chance a word is replaced by a synonym"})
+    uncond_p: float = field(default=0.1, metadata={"help": "empty-caption rate (for guidance)"})
+    synonym_loss: float = field(default=0.5, metadata={"help": "weight of the synonym alignment loss"})
+    probe_every: int = field(default=900, metadata={"help": "steps between fidelity probes"})
+    probe_images: int = field(default=32, metadata={"help": "images per fidelity probe"})
+    final_eval_images: int = field(default=128, metadata={"help": "images of the closing fidelity check"})
+    max_minutes: float = field(default=115.0, metadata={"help": "stop UNet training early past this"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+
+
+def unet_config() -> dict:
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(64, 128, 128),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=128, attention_head_dim=32, norm_num_groups=32)
+
+
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+                down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                mid_block_add_attention=False)
+
+
+def text_config(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
+                projection_dim=128, hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def scheduler_kwargs() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                prediction_type="v_prediction", clip_sample=False)
+
+
+def all_combos() -> list[Labels]:
+    return [Labels(*c) for c in itertools.product(*(list(CONCEPTS[a]) for a in AXES))]
+
+
+def is_heldout(labels: Labels) -> bool:
+    """10 % of full combinations, fixed by hash: never rendered for training."""
+    key = repr(labels.index()).encode()
+    return int(hashlib.sha256(key).hexdigest(), 16) % 10 == 0
+
+
+def heldout_combos() -> list[Labels]:
+    return [c for c in all_combos() if is_heldout(c)]
+
+
+def fidelity_prompts(n: int, seed: int, synonyms: bool = False) -> list[tuple[str, Labels]]:
+    """``n`` prompts over held-out combinations naming all four axes (canonical or synonym words)."""
+    rng = random.Random(seed)
+    combos = heldout_combos()
+    out = []
+    for i in range(n):
+        lab = combos[rng.randrange(len(combos))]
+        out.append((caption(lab, rng, template=i % len(TEMPLATES), synonym_p=1.0 if synonyms else 0.0), lab))
+    return out
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], seeds: list[int], batch_size: int = 64,
+                    num_inference_steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+    """Images in [-1, 1], (N, 3, H, W), one per (prompt, seed), batched."""
+    steps = num_inference_steps or SAMPLING_DEFAULTS["num_inference_steps"]
+    g = SAMPLING_DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        gens = [torch.Generator().manual_seed(int(s)) for s in ss]
+        img = pipe(ps, generator=gens, num_inference_steps=steps, guidance_scale=g, output_type="pt").images
+        outs.append(img * 2 - 1)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def fidelity(pipe, classifier, n: int, seed: int = 777, synonyms: bool = False, batch_size: int = 64,
+             **sampling) -> dict[str, float]:
+    """Share of generated images whose classifier argmax agrees with the prompt, per axis."""
+    items = fidelity_prompts(n, seed, synonyms)
+    imgs = generate_images(pipe, [p for p, _ in items], [10_000_000 + seed * 10_000 + i for i in range(n)],
+                           batch_size=batch_size, **sampling)
+    probs = classifier.predict_proba(imgs)
+    target = torch.tensor([lab.index() for _, lab in items])
+    return {a: float((probs[a].argmax(-1) == target[:, i]).float().mean()) for i, a in enumerate(AXES)}
+
+
+def train_vae(x: torch.Tensor, steps: int, seed: int, log) -> "AutoencoderKL":  # noqa: F821
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        xb = x[idx]
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / xb[0].numel()
+        loss = F.mse_loss(rec, xb) + F.l1_loss(rec, xb) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    return vae.eval()
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sched = DDIMScheduler(**scheduler_kwargs(), timestep_spacing="trailing", set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print,
+                classifier_out: str | Path | None = None) -> dict:
+    """Train everything and write a diffusers pipeline folder to ``out_dir``; returns the card data."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..io import atomic_dir
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    classifier_out = Path(classifier_out) if classifier_out else out_dir.parent / "classifier.safetensors"
+
+    # 1. the judge
+    t0 = time.time()
+    classifier, creport = train_classifier(steps=cfg.classifier_steps, seed=cfg.seed, log=log)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    timings["classifier_s"] = time.time() - t0
+    log(f"classifier accuracy {creport.accuracy} ece {creport.ece}")
+
+    # 2. training pool (held-out combinations excluded) and the VAE
+    t0 = time.time()
+    rng = random.Random(cfg.seed + 10)
+    combos = [c for c in all_combos() if not is_heldout(c)]
+    pool_labels = [combos[rng.randrange(len(combos))] for _ in range(cfg.pool)]
+    pool = to_input(np.stack([render(lab, 50_000_000 + i) for i, lab in enumerate(pool_labels)]))
+    timings["render_s"] = time.time() - t0
+    log(f"rendered {cfg.pool} training images in {timings['render_s']:.0f}s")
+    t0 = time.time()
+    vae = train_vae(pool, cfg.vae_steps, cfg.seed + 11, log)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(pool[i:i + 500]).latent_dist.mean for i in range(0, len(pool), 500)])
+        rec = vae.decode(lat[:512]).sample.clamp(-1, 1)
+    scaling = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scaling)
+    lat = lat * scaling
+    cls_rec = classifier.predict_proba(rec)
+    y_rec = torch.tensor([lab.index() for lab in pool_labels[:512]])
+    vae_acc = {a: float((cls_rec[a].argmax(-1) == y_rec[:, i]).float().mean()) for i, a in enumerate(AXES)}
+    timings["vae_s"] = time.time() - t0
+    log(f"vae scaling {scaling:.4f}; classifier on reconstructions {vae_acc}")
+    del pool
+
+    # 3. UNet + text encoder
+    t0 = time.time()
+    import tempfile
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="erasekit-tok-"))
+    tokenizer = make_tokenizer(tok_dir)
+    torch.manual_seed(cfg.seed + 20)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    unet = UNet2DConditionModel(**unet_config())
+    noise_sched = DDPMScheduler(**scheduler_kwargs())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    warm = 200
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, cfg.unet_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    for p in itertools.chain(ema_unet.parameters(), ema_te.parameters()):
+        p.requires_grad_(False)
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    gen = torch.Generator().manual_seed(cfg.seed + 21)
+    crng = random.Random(cfg.seed + 22)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids).last_hidden_state
+
+    probes: list[dict] = []
+    step = 0
+    stopped_early = False
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(0, len(lat), (cfg.batch_size,), generator=gen)
+        texts = []
+        for j in idx.tolist():
+            if crng.random() < cfg.uncond_p:
+                texts.append("")
+            else:
+                texts.append(caption(pool_labels[j], crng, synonym_p=cfg.synonym_p, drop_p=cfg.drop_axis_p))
+        # synonym alignment pairs: same template and dropped axes, canonical vs synonym words
+        n_pairs = 8
+        canon, syn = [], []
+        for j in idx[:n_pairs].tolist():
+            d = {a: (None if crng.random() < cfg.drop_axis_p else v) for a, v in pool_labels[j].as_dict().items()}
+            if d["shape"] is None:
+                d["shape"] = pool_labels[j].shape
+            tpl = crng.randrange(len(TEMPLATES))
+            canon.append(caption(d, random.Random(0), template=tpl, synonym_p=0.0))
+            syn.append(caption(d, crng, template=tpl, synonym_p=1.0))
+        h_all = encode(texts + canon + syn)
+        h = h_all[:cfg.batch_size]
+        hc, hs = h_all[cfg.batch_size:cfg.batch_size + n_pairs], h_all[cfg.batch_size + n_pairs:]
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        v = noise_sched.get_velocity(x0, noise, t)
+        pred = unet(xt, t, h).sample
+        w = (snr[t].clamp(max=5.0) / (snr[t] + 1)).view(-1, 1, 1, 1)
+        loss_d = (w * (pred - v) ** 2).mean() / w.mean()
+        loss_s = F.mse_loss(hs, hc)
+        loss = loss_d + cfg.synonym_loss * loss_s
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m_ema, m in ((ema_unet, unet), (ema_te, text_encoder)):
+                for pe, p in zip(m_ema.parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        if step % 100 == 0:
+            el = time.time() - t0
+            log(f"unet step {step}/{cfg.unet_steps} loss {loss_d.item():.4f} syn {loss_s.item():.4f} "
+                f"{el:.0f}s ({el / (step + 1):.2f}s/step)")
+        if (step + 1) % cfg.probe_every == 0 or step == cfg.unet_steps - 1:
+            pipe = build_pipeline(vae, ema_te, tokenizer, ema_unet)
+            fid = fidelity(pipe, classifier, cfg.probe_images, seed=1)
+            probes.append({"step": step + 1, "minutes": (time.time() - t_start) / 60, **fid})
+            log(f"probe step {step + 1}: " + " ".join(f"{a} {v:.2f}" for a, v in fid.items()))
+        if (time.time() - t_start) / 60 > cfg.max_minutes:
+            log(f"stopping at step {step + 1}: time budget of {cfg.max_minutes} min reached")
+            stopped_early = True
+            break
+    timings["unet_s"] = time.time() - t0
+
+    # 4. closing check and save
+    t0 = time.time()
+    pipe = build_pipeline(vae, ema_te, tokenizer, ema_unet)
+    final = fidelity(pipe, classifier, cfg.final_eval_images, seed=2)
+    final_syn = fidelity(pipe, classifier, cfg.final_eval_images, seed=2, synonyms=True)
+    timings["final_eval_s"] = time.time() - t0
+    card = {
+        "command": "erasekit world train",
+        "config": asdict(cfg),
+        "unet_steps_done": step + 1,
+        "stopped_early": stopped_early,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "total_minutes": round((time.time() - t_start) / 60, 1),
+        "torch_threads": cfg.threads,
+        "classifier": {"accuracy": creport.accuracy, "ece": creport.ece, "temperature": creport.temperature},
+        "classifier_on_vae_reconstructions": vae_acc,
+        "probes": probes,
+        "fidelity_canonical": final,
+        "fidelity_synonyms": final_syn,
+        "fidelity_images": cfg.final_eval_images,
+        "sampling": SAMPLING_DEFAULTS,
+    }
+    log(f"final fidelity {final}; synonyms {final_syn}")
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_tokenizer_files(tmp / "tokenizer")
+        (tmp / "erasekit.json").write_text(json.dumps({"world": True, "sampling": SAMPLING_DEFAULTS,
+                                                       "image_size": 32}, indent=2) + "\n")
+        (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(card))
+    save_classifier(classifier, classifier_out)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return card
+
+
+def model_card(card: dict) -> str:
+    """Markdown model card from the training record."""
+    f, fs = card["fidelity_canonical"], card["fidelity_synonyms"]
+    rows = "\n".join(f"| {a} | {f[a]:.3f} | {fs[a]:.3f} |" for a in AXES)
+    probes = "\n".join(f"| {p['step']} | {p['minutes']:.1f} | " + " | ".join(f"{p[a]:.2f}" for a in AXES) + " |"
+                       for p in card["probes"])
+    acc = card["classifier"]["accuracy"]
+    return f"""# erasekit embedded world model
+
+A small text-to-image diffusion model of the procedural shapes world of `erasekit.world`,
+saved as a diffusers `StableDiffusionPipeline` (AutoencoderKL, UNet2DConditionModel with
+cross-attention, CLIPTextModel, CLIPTokenizer, DDIMScheduler). 32x32 RGB images, 16x16x4
+latents, v-prediction, cosine schedule. Sample with {card['sampling']['num_inference_steps']}
+steps and guidance {card['sampling']['guidance_scale']} (higher guidance over-saturates).
+
+Reproduce: `{card['command']}` (seed {card['config']['seed']}), {card['unet_steps_done']} UNet steps,
+{card['total_minutes']} min in total with {card['torch_threads']} CPU threads
+(timings: {card['timings_s']}).
+
+## Fidelity (classifier agrees with the prompt; {card['fidelity_images']} images of held-out combinations)
+| axis | canonical words | synonyms |
+|---|---|---|
+{rows}
+
+## Fidelity during training (probes of {card['config']['probe_images']} images)
+| step | minutes | {' | '.join(AXES)} |
+|---|---|{'---|' * len(AXES)}
+{probes}
+
+## Judge classifier (held-out renders)
+Accuracy: {', '.join(f'{a} {v:.4f}' for a, v in acc.items())}.
+`benchmarks/world_fidelity.py` re-measures fidelity on 500+ images.
+"""
