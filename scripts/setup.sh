@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install erasekit with what it needs. Sourced by demo.sh and test.sh.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "erasekit: creating $venv" >&2
+  "$py" -m venv "$venv"
+fi
+stamp="$venv/.erasekit-installed"
+want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "erasekit: installing dependencies into $venv (first run takes a few minutes)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
+  "$venv/bin/python" -m pip install -q "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q -e "$root[test]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false

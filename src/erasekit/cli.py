@@ -1,0 +1,219 @@
+"""The ``erasekit`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import ErasekitError, InvalidInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Erase concepts from text-to-image diffusion models, measure it, attack it.")
+world_app = typer.Typer(no_args_is_help=True, help="The embedded shapes world: train, inspect.")
+app.add_typer(world_app, name="world")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(e: ErasekitError) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"erasekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """erasekit command line."""
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder (default: the embedded world)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed+i."),
+    n: int = typer.Option(8, "-n", "--num-images", help="Number of images."),
+    output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="Image grid to write (.png/.jpg/.webp)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
+    patch: list[Path] = typer.Option([], "--patch", "-p", help="Patch folder(s) to apply first, in order."),
+    force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
+) -> None:
+    """Generate an image grid from a prompt."""
+    from .generate import IMAGE_SUFFIXES, generate as gen, make_grid, save_image
+    from .io import check_parent
+    from .models import load_pipeline
+
+    try:
+        if n < 1:
+            raise InvalidInputError(f"image count must be at least 1 (got {n}); pass -n 1 or more")
+        check_parent(output)
+        if output.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InvalidInputError(f"cannot tell the image format of {output.name}; use a .png, .jpg or .webp name")
+        t0 = time.time()
+        from .edits import load_patch
+
+        patches = [load_patch(p) for p in patch]
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        for p in patches:
+            p.apply(pipe, force=force)
+        with err.status(f"generating {n} image(s)"):
+            images = gen(pipe, prompt, n=n, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+        save_image(make_grid(images), output)
+    except ErasekitError as e:
+        _fail(e)
+    out.print(f"wrote {output} ({n} images, seeds {seed}..{seed + n - 1}, {time.time() - t0:.1f}s)")
+
+
+@app.command()
+def erase(
+    concept: list[str] = typer.Option([], "--concept", "-c", help="Phrase to erase (repeatable)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", help="txt/csv/json list of concepts."),
+    method: str = typer.Option("uce", "--method", help="Registered method (see `erasekit methods`)."),
+    anchor: str = typer.Option("", "--anchor", help="What the concept should become (\"\" = nothing)."),
+    preserve: str = typer.Option("", "--preserve", help="Comma-separated prompts to keep unchanged."),
+    set_: list[str] = typer.Option([], "--set", help="Method setting key=value (text lists: a|b|c)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Patch folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing patch folder."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Fit an erasure method and write a patch (patch.safetensors + patch.json)."""
+    from .concepts import load_concepts, make_concepts
+    from .config import apply_overrides
+    from .io import check_parent
+    from .methods import get_method
+    from .models import load_pipeline
+
+    try:
+        check_parent(output)
+        if output.exists() and not overwrite:
+            raise InvalidInputError(f"{output} already exists; remove it or pass --overwrite")
+        specs = []
+        if concepts_file is not None:
+            specs += load_concepts(concepts_file, anchor=anchor, preserve=preserve)
+        if concept:
+            specs += make_concepts(concept, anchor=anchor, preserve=preserve)
+        if not specs:
+            raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
+        cls = get_method(method)
+        cfg = apply_overrides(cls.Config(), set_)
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        from .adapters import get_adapter
+
+        with err.status(f"fitting {cls.name} on {len(specs)} concept(s)"):
+            patch = cls(cfg).fit(get_adapter(pipe), specs)
+        patch.save(output, overwrite=overwrite)
+    except ErasekitError as e:
+        _fail(e)
+    out.print(f"wrote {output}: {cls.name}, {len(specs)} concept(s), {len(patch.deltas)} tensors, "
+              f"fit in {patch.manifest['wall_time_s']:.2f}s")
+
+
+@app.command()
+def export(
+    patch: list[Path] = typer.Option(..., "--patch", "-p", help="Patch folder(s), applied in order."),
+    output: Path = typer.Option(..., "-o", "--output", help="Pipeline folder to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    force: bool = typer.Option(False, "--force", help="Apply even if the patch was made for another model."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write a full diffusers pipeline with the patch(es) merged in."""
+    from .edits import export_pipeline, load_patch
+    from .io import check_parent
+    from .models import load_pipeline
+
+    try:
+        check_parent(output)
+        if output.exists() and not overwrite:
+            raise InvalidInputError(f"{output} already exists; remove it or pass --overwrite")
+        patches = [load_patch(p) for p in patch]
+        pipe = load_pipeline(model, device="cpu")
+        export_pipeline(pipe, patches, output, overwrite=overwrite, force=force)
+    except ErasekitError as e:
+        _fail(e)
+    out.print(f"wrote {output} with {len(patch)} patch(es) merged")
+
+
+@app.command("methods")
+def methods_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list each config field.")) -> None:
+    """List the registered erasure methods and their settings."""
+    from rich.table import Table
+
+    from .methods import describe
+
+    table = Table(show_lines=verbose)
+    table.add_column("method")
+    table.add_column("family")
+    table.add_column("description")
+    table.add_column("settings (--set key=value)")
+    for m in describe():
+        fields = "\n".join(f"{f['name']}={f['default']!r}: {f['help']}" for f in m["config"]) if verbose else \
+            ", ".join(f["name"] for f in m["config"])
+        table.add_row(m["name"], m["family"], m["description"], fields)
+    out.print(table)
+
+
+@world_app.command("train")
+def world_train(
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Pipeline folder to write (default: the shipped asset)."),
+    classifier_output: Optional[Path] = typer.Option(None, "--classifier-output", help="Classifier safetensors to write."),
+    seed: int = typer.Option(0, "--seed"),
+    set_: list[str] = typer.Option([], "--set", help="Override a training setting, key=value (see TrainConfig)."),
+) -> None:
+    """Train the embedded world (judge, VAE, UNet + text encoder) from a seed, on CPU or GPU."""
+    from .config import apply_overrides
+    from .world.assets import classifier_path, model_path
+    from .world.train import TrainConfig, train_world
+
+    try:
+        cfg = apply_overrides(TrainConfig(seed=seed), set_)
+        dest = output or model_path()
+        cls_dest = classifier_output or (classifier_path() if output is None else dest.parent / "classifier.safetensors")
+        t0 = time.time()
+        card = train_world(dest, cfg, log=lambda s: err.print(f"[{time.time() - t0:7.1f}s] {s}", highlight=False),
+                           classifier_out=cls_dest)
+    except ErasekitError as e:
+        _fail(e)
+    out.print(f"wrote {dest} and {cls_dest} in {card['total_minutes']} min; fidelity {card['fidelity_canonical']}")
+
+
+@world_app.command("info")
+def world_info() -> None:
+    """Print the shipped world model's training record (steps, time, fidelity)."""
+    from .world.assets import model_path
+
+    f = model_path() / "training.json"
+    if not f.is_file():
+        _fail(ErasekitError(f"no training record at {f}; run `erasekit world train`"))
+    card = json.loads(f.read_text())
+    out.print_json(data={k: card[k] for k in ("unet_steps_done", "total_minutes", "fidelity_canonical",
+                                               "fidelity_synonyms", "classifier", "sampling")})
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from erasekit.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text, text
+    assert text.startswith("error:"), text
+    assert len(text.splitlines()) == 1 or len(text) < 300, text
+    return text
+
+
+def test_missing_model_path(tmp_path: Path):
+    msg = _one_line_error(run("generate", "a red circle", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "g.png")))
+    assert "does not exist" in msg
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path: Path):
+    (tmp_path / "junk").mkdir()
+    msg = _one_line_error(run("generate", "a red circle", "--model", str(tmp_path / "junk"), "-o", str(tmp_path / "g.png")))
+    assert "model_index.json" in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any folder")
+def test_unreadable_model_folder(tmp_path: Path):
+    d = tmp_path / "locked"
+    d.mkdir()
+    (d / "model_index.json").write_text("{}")
+    d.chmod(0)
+    try:
+        msg = _one_line_error(run("generate", "x", "--model", str(d), "-o", str(tmp_path / "g.png")))
+        assert "permissions" in msg
+    finally:
+        d.chmod(0o755)
+
+
+def test_corrupt_model_folder(tmp_path: Path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    msg = _one_line_error(run("generate", "x", "--model", str(d), "-o", str(tmp_path / "g.png")))
+    assert "could not load" in msg
+
+
+def test_negative_count(tmp_path: Path):
+    msg = _one_line_error(run("generate", "a red circle", "-n", "-3", "-o", str(tmp_path / "g.png")))
+    assert "at least 1" in msg
+
+
+def test_output_in_missing_directory(tmp_path: Path):
+    msg = _one_line_error(run("generate", "a red circle", "-o", str(tmp_path / "missing" / "g.png")))
+    assert "does not exist" in msg
+    assert not (tmp_path / "missing").exists()
+
+
+def test_unknown_image_suffix(tmp_path: Path):
+    msg = _one_line_error(run("generate", "a red circle", "-o", str(tmp_path / "g.txt")))
+    assert ".png" in msg
+
+
+def test_generate_writes_a_grid(tmp_path: Path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    result = run("generate", "a crimson star on a grass background", "-n", "3", "--steps", "4", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    im = Image.open(out)
+    assert im.size[0] > 3 * 32 and im.size[1] >= 32
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temp file left behind
+
+
+def test_bad_set_override_is_one_line():
+    from erasekit.config import apply_overrides
+    from erasekit.errors import InvalidInputError
+    from erasekit.world.train import TrainConfig
+
+    assert apply_overrides(TrainConfig(), ["unet_steps=5", "lr=0.1"]).unet_steps == 5
+    with pytest.raises(InvalidInputError, match="unknown setting"):
+        apply_overrides(TrainConfig(), ["nope=1"])
+    with pytest.raises(InvalidInputError, match="expected int"):
+        apply_overrides(TrainConfig(), ["unet_steps=many"])
