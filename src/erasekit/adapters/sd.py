@@ -1,0 +1,60 @@
+"""Stable Diffusion 1.x / 2.x (one CLIP text encoder), and the embedded world model."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import torch
+
+from .base import Encoded, config_digest, weights_digest
+
+FINGERPRINT_ATTR = "_erasekit_base_fingerprint"
+
+
+class SDAdapter:
+    """Adapter for ``StableDiffusionPipeline``-shaped pipelines (one text encoder)."""
+
+    family: ClassVar[str] = "sd"
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def kv_modules(self) -> dict[str, torch.nn.Linear]:
+        return {n: m for n, m in self.pipe.unet.named_modules()
+                if "attn2" in n and (n.endswith("to_k") or n.endswith("to_v")) and isinstance(m, torch.nn.Linear)}
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.pipe.text_encoder]
+
+    def _lengths(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_attention_mask=True, return_tensors="pt")
+        return enc.attention_mask.sum(-1)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 256) -> Encoded:
+        embeds = []
+        for i in range(0, len(prompts), batch_size):
+            e, _ = self.pipe.encode_prompt(prompts[i:i + batch_size], self.device, 1, False)
+            embeds.append(e)
+        return Encoded(torch.cat(embeds), self._lengths(prompts))
+
+    def fingerprint(self) -> str:
+        """Hash of the unedited base model; cached on the pipeline before the first patch."""
+        cached = getattr(self.pipe, FINGERPRINT_ATTR, None)
+        if cached:
+            return cached
+        h = hashlib.sha256(self.family.encode())
+        config_digest(h, self.pipe.unet.config, *(te.config.to_dict() for te in self.text_encoders()))
+        mods = self.kv_modules()
+        weights_digest(h, [mods[n].weight for n in sorted(mods)])
+        for te in self.text_encoders():
+            emb = te.get_input_embeddings().weight
+            weights_digest(h, [emb[: min(2048, len(emb))]])
+        return h.hexdigest()[:16]

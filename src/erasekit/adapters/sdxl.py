@@ -1,0 +1,36 @@
+"""Stable Diffusion XL: two text encoders, concatenated hidden states, pooled ``add_embeds``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .base import Encoded
+from .sd import SDAdapter
+
+
+class SDXLAdapter(SDAdapter):
+    """Adapter for ``StableDiffusionXLPipeline``; cross-attention reads the concatenation of
+    both encoders' penultimate hidden states (d = 768 + 1280 for SDXL-base)."""
+
+    family: ClassVar[str] = "sdxl"
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [te for te in (self.pipe.text_encoder, self.pipe.text_encoder_2) if te is not None]
+
+    def _lengths(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer_2 if self.pipe.tokenizer is None else self.pipe.tokenizer
+        enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_attention_mask=True, return_tensors="pt")
+        return enc.attention_mask.sum(-1)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 256) -> Encoded:
+        embeds, pooled = [], []
+        for i in range(0, len(prompts), batch_size):
+            e, _, p, _ = self.pipe.encode_prompt(prompts[i:i + batch_size], device=self.device,
+                                                 num_images_per_prompt=1, do_classifier_free_guidance=False)
+            embeds.append(e)
+            pooled.append(p)
+        return Encoded(torch.cat(embeds), self._lengths(prompts), torch.cat(pooled))

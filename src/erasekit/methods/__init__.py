@@ -1,0 +1,43 @@
+"""The method registry: an explicit list; a duplicate name raises at import."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import InvalidInputError
+from .base import Method
+from .mace import MACE
+from .realera import RealEra
+from .rece import RECE
+from .speed import SPEED
+from .uce import UCE
+
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra]
+
+REGISTRY: dict[str, type[Method]] = {}
+for _m in _ALL:
+    if _m.name in REGISTRY:
+        raise RuntimeError(f"two methods are registered as {_m.name!r}")
+    REGISTRY[_m.name] = _m
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``."""
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        raise InvalidInputError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, family, description and config fields (with defaults and help) of every method."""
+    out = []
+    for m in REGISTRY.values():
+        fields = [{"name": f.name, "default": f.default if f.default is not dataclasses.MISSING else None,
+                   "help": f.metadata.get("help", "")} for f in dataclasses.fields(m.Config)]
+        out.append({"name": m.name, "family": m.family, "description": m.description, "config": fields})
+    return out
+
+
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra"]

@@ -1,0 +1,68 @@
+"""Tiny random pipelines per model family (the diffusers dummy-component pattern).
+
+They prove that code paths run for every family; they prove nothing about erasure quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from erasekit.world.tokenizer import make_tokenizer
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32)
+
+
+def _text_config(tok, hidden: int = 32) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=5,
+                num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                hidden_act="gelu", projection_dim=32)
+
+
+def _distinct_tokens(te: torch.nn.Module) -> torch.nn.Module:
+    """Random CLIP encoders map every prompt to nearly the same rows (cosine 0.95-0.99), so no
+    method could tell a target from what to preserve. Wider token embeddings make prompts
+    distinguishable, as a trained encoder's are."""
+    with torch.no_grad():
+        te.get_input_embeddings().weight.normal_(0, 1.0)
+    return te
+
+
+def tiny_sd(tok_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    tok = make_tokenizer(tok_dir)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=32)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_distinct_tokens(CLIPTextModel(CLIPTextConfig(**_text_config(tok)))),
+                                   tokenizer=tok, unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(tok_dir: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+    torch.manual_seed(seed)
+    tok = make_tokenizer(tok_dir)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
+    te = _distinct_tokens(CLIPTextModel(CLIPTextConfig(**_text_config(tok))))
+    te2 = _distinct_tokens(CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(tok))))
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
