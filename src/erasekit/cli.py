@@ -169,6 +169,115 @@ def methods_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Als
     out.print(table)
 
 
+def _summary_table(result) -> None:
+    from rich.table import Table
+
+    t = Table(title="erasure summary (bootstrap 95% intervals)")
+    for col in ("concept", "detected before", "detected after", "unseen synonyms after", "neighbours kept",
+                "unrelated kept", "H"):
+        t.add_column(col, justify="right" if col != "concept" else "left")
+    fmt = lambda d: f"{d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"  # noqa: E731
+    for c in result.concepts:
+        m = c.metrics
+        t.add_row(c.concept, fmt(m["efficacy_original"]), fmt(m["efficacy_patched"]),
+                  fmt(m["generality_patched"]) if "generality_patched" in m else "-",
+                  fmt(m["specificity_neighbours_patched"]), fmt(m["specificity_unrelated_patched"]),
+                  f"{m['harmonic']:.3f}")
+    out.print(t)
+
+
+def _write_run(result, run_dir: Path, overwrite: bool, title: str, extra=None) -> None:
+    from .evaluation.report import write_report
+    from .io import atomic_dir
+
+    with atomic_dir(run_dir, overwrite=overwrite) as tmp:
+        (tmp / "metrics.json").write_text(result.to_json())
+        write_report(result, tmp / "report.html", title=title)
+        if extra:
+            extra(tmp)
+
+
+@app.command("eval")
+def eval_cmd(
+    concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to measure (repeatable)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", help="txt/csv/json list of concepts."),
+    patch: list[Path] = typer.Option([], "--patch", "-p", help="Patch folder(s), applied in order."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    seeds: str = typer.Option("0-63", "--seeds", help="Seeds, e.g. 0-63 or 0,1,2 (one image per seed per prompt set)."),
+    judge: str = typer.Option("world-classifier", "--judge", help="Judge that reads concepts from images."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder for metrics.json and report.html."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
+    from .concepts import load_concepts, make_concepts
+    from .edits import load_patch
+    from .evaluation import evaluate, parse_seeds
+    from .io import check_parent
+    from .models import load_pipeline
+
+    try:
+        check_parent(output)
+        if output.exists() and not overwrite:
+            raise InvalidInputError(f"run folder {output} already exists; choose another or pass --overwrite")
+        seed_list = parse_seeds(seeds)
+        specs = (load_concepts(concepts_file) if concepts_file else []) + (make_concepts(concept) if concept else [])
+        if not specs:
+            raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
+        patches = [load_patch(p) for p in patch]
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
+            result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge, force=force)
+        _write_run(result, output, overwrite, "erasekit evaluation")
+    except ErasekitError as e:
+        _fail(e)
+    _summary_table(result)
+    out.print(f"wrote {output / 'metrics.json'} and {output / 'report.html'} ({result.cost['eval_wall_s']}s)")
+
+
+@app.command()
+def demo(
+    concept: str = typer.Option("star", "--concept", help="World concept to erase."),
+    seeds: str = typer.Option("0-99", "--seeds", help="Seeds per prompt set."),
+    output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder (replaced on each run)."),
+) -> None:
+    """Erase a concept from the embedded world with UCE, evaluate before/after, write a report."""
+    from .api import erase as erase_fn
+    from .concepts import ConceptSpec
+    from .evaluation import evaluate, get_judge, parse_seeds
+    from .io import check_parent
+    from .models import load_pipeline
+    from .world.vocab import CONCEPTS, erase_templates
+
+    try:
+        check_parent(output)
+        seed_list = parse_seeds(seeds)
+        axis, label = get_judge().resolve(concept)
+        t0 = time.time()
+        with err.status("loading the embedded world model"):
+            pipe = load_pipeline(None, device="cpu")
+        spec = ConceptSpec(label, preserve=tuple(v for v in CONCEPTS[axis] if v != label))
+        with err.status(f"erasing {label!r} with UCE"):
+            patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **DEMO_UCE)
+        out.print(f"UCE erased {label!r} ({axis}) in {patch.manifest['wall_time_s']:.2f}s "
+                  f"({len(patch.deltas)} K/V matrices edited)")
+        with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets"):
+            result = evaluate(pipe, [spec], patch=patch, seeds=seed_list)
+        _write_run(result, output, True, f"erasekit demo: erasing '{label}' with UCE",
+                   extra=lambda d: patch.save(d / "patch"))
+    except ErasekitError as e:
+        _fail(e)
+    _summary_table(result)
+    out.print(f"report: {(output / 'report.html').resolve()}  (patch in {output / 'patch'}; "
+              f"total {time.time() - t0:.0f}s)")
+
+
+#: UCE settings the demo uses on the world model (see benchmarks/world_closed_form.py).
+DEMO_UCE = {"token": "all", "erase_scale": 10.0}
+
+
 @world_app.command("train")
 def world_train(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Pipeline folder to write (default: the shipped asset)."),

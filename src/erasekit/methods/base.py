@@ -139,6 +139,8 @@ def make_patch(method: Method, adapter: SDAdapter, concepts: list[ConceptSpec], 
         "concepts": [c.to_dict() for c in concepts],
         "family": adapter.family,
         "base_fingerprint": adapter.fingerprint(),
+        # patches already applied when this one was fitted (its deltas are relative to them)
+        "fitted_on_top_of": [p.digest for p, _ in getattr(adapter.pipe, "_erasekit_stack", None) or []],
         "erasekit_version": __version__,
         "wall_time_s": round(timer.total(), 4),
         "timings_s": {k: round(v, 4) for k, v in timer.parts.items()},

@@ -1,0 +1,112 @@
+"""Every registered method x every shape of the embedded world, plus multi-concept sets.
+
+Each row fits one patch and evaluates it with ``erasekit.evaluate`` on shared seeds (images of
+the unedited model are cached, so the baseline is generated once). Columns: efficacy (target
+still detected, lower is better), generality (unseen synonyms detected), specificity on
+neighbour shapes and on unrelated axes (higher is better), MACE's H, and fit time. The first
+rows are the unedited model: the baseline. Saves CSV and, with matplotlib, a PNG chart.
+
+    python benchmarks/world_erasure.py [--seeds 0-31] [--methods uce,speed] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import erasekit  # noqa: E402
+from erasekit.concepts import ConceptSpec  # noqa: E402
+from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
+from erasekit.methods import REGISTRY  # noqa: E402
+from erasekit.world.vocab import SHAPES, erase_templates  # noqa: E402
+
+MULTI = [("star", "heart"), ("circle", "square", "triangle")]
+#: world settings per method (others use their published defaults, templates always world-shaped)
+WORLD_SETTINGS = {"uce": {"token": "all", "erase_scale": 10.0}}
+
+
+def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
+    ms = [c.metrics for c in res.concepts]
+    avg = lambda k: sum(m[k]["value"] for m in ms) / len(ms)  # noqa: E731
+    gen = [m["generality_patched"]["value"] for m in ms if "generality_patched" in m]
+    return {"method": method, "concepts": "+".join(concepts), "efficacy": avg("efficacy_patched"),
+            "efficacy_before": avg("efficacy_original"), "generality": sum(gen) / len(gen) if gen else float("nan"),
+            "neighbours": avg("specificity_neighbours_patched"), "unrelated": avg("specificity_unrelated_patched"),
+            "H": sum(m["harmonic"] for m in ms) / len(ms), "fit_s": fit_s}
+
+
+def main(family: str | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0-31")
+    ap.add_argument("--methods", default=",".join(m for m, c in REGISTRY.items() if family in (None, c.family)))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--no-multi", action="store_true")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--cache", default=None, help="image cache folder (default: ~/.cache/erasekit)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    seeds = parse_seeds(args.seeds)
+    pipe = erasekit.load_pipeline(device="cpu")
+    cache = ImageCache(args.cache)
+    jobs = [(s,) for s in args.shapes.split(",")] + ([] if args.no_multi else MULTI)
+    rows = []
+    t0 = time.time()
+    print(f"world erasure benchmark: {len(seeds)} seeds per prompt set; efficacy/generality lower is better")
+    hdr = f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'unrel':>7}{'H':>7}{'fit s':>7}"
+    print(hdr)
+    for concepts in jobs:
+        base = evaluate(pipe, list(concepts), seeds=seeds, cache=cache)
+        r = row("(none)", concepts, base, 0.0)
+        rows.append(r)
+        print(f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
+              f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['unrelated']:>7.2f}{r['H']:>7.3f}{'':>7}", flush=True)
+        for method in args.methods.split(","):
+            specs = [ConceptSpec(c, preserve=tuple(o for o in SHAPES if o not in concepts)) for c in concepts]
+            patch = erasekit.erase(pipe, specs, method=method, templates=erase_templates("shape"),
+                                   **WORLD_SETTINGS.get(method, {}))
+            res = evaluate(pipe, specs, patch=patch, seeds=seeds, cache=cache)
+            r = row(method, concepts, res, patch.manifest["wall_time_s"])
+            rows.append(r)
+            print(f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
+                  f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['unrelated']:>7.2f}{r['H']:>7.3f}"
+                  f"{r['fit_s']:>7.2f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "world_erasure.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'world_erasure.csv'} ({time.time() - t0:.0f}s)")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install 'erasekit[bench]')", file=sys.stderr)
+        return
+    methods = sorted({r["method"] for r in rows if r["method"] != "(none)"})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in zip(axes, ("efficacy", "neighbours", "H"),
+                              ("target still detected (lower better)", "neighbour shapes kept (higher better)",
+                               "harmonic score H (higher better)")):
+        vals = [sum(r[key] for r in rows if r["method"] == m) / max(1, sum(r["method"] == m for r in rows))
+                for m in ["(none)"] + methods]
+        ax.bar(["none"] + methods, vals, color=["#9aa3b2"] + ["#3b6fd8"] * len(methods))
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "world_erasure.png", dpi=120)
+    print(f"wrote {out / 'world_erasure.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Evaluation: efficacy, specificity, generality, fidelity and cost, with confidence intervals."""
+
+from .cache import ImageCache
+from .evaluate import EvalResult, evaluate, parse_seeds
+from .judges import JUDGES, Judge, WorldJudge, get_judge
+from .stats import Estimate, bootstrap, harmonic
+
+__all__ = ["EvalResult", "Estimate", "ImageCache", "JUDGES", "Judge", "WorldJudge", "bootstrap", "evaluate",
+           "get_judge", "harmonic", "parse_seeds"]

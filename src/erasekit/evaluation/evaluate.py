@@ -1,0 +1,238 @@
+"""``erasekit.evaluate``: generate with and without a patch on the same seeds, and measure."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..adapters import get_adapter
+from ..concepts import ConceptSpec, make_concepts
+from ..edits import WeightDelta
+from ..errors import InvalidInputError
+from .cache import ImageCache
+from .judges import Judge, get_judge
+from .prompts import PromptSet, world_prompt_sets
+from .stats import Estimate, bootstrap, bootstrap_diff, harmonic
+
+
+@dataclass
+class ConceptResult:
+    concept: str
+    axis: str
+    label: str
+    metrics: dict[str, Any]
+    images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class EvalResult:
+    """Everything ``erasekit eval`` measured, plus what is needed to reproduce it."""
+
+    concepts: list[ConceptResult]
+    settings: dict[str, Any]
+    cost: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"erasekit_version": __version__, "settings": self.settings, "cost": self.cost,
+                "concepts": [{"concept": c.concept, "axis": c.axis, "label": c.label, "metrics": c.metrics,
+                              "prompts": c.prompts} for c in self.concepts]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63', '0,5,9' or '3' -> list of seeds."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise InvalidInputError(f"cannot read seeds {text!r}; write e.g. 0-63 or 0,1,2") from None
+    if not out:
+        raise InvalidInputError(f"the seed range {text!r} is empty; write e.g. 0-63")
+    return out
+
+
+def _sampling(pipe: Any, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    from ..models import sampling_defaults
+
+    s = dict(sampling_defaults(getattr(pipe, "erasekit_source", "") or ""))
+    s.update(overrides or {})
+    s["scheduler"] = type(pipe.scheduler).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        s["height"] = s.get("height") or unet.config.sample_size * pipe.vae_scale_factor
+    return s
+
+
+def generate_cached(pipe: Any, prompts: list[str], seeds: list[int], sampling: dict[str, Any], cache: ImageCache,
+                    fingerprint: str, patch_key: str, batch_size: int = 64) -> np.ndarray:
+    """uint8 images (N, H, W, 3), one per (prompt, seed); cached ones are not regenerated."""
+    keys = [cache.key(fingerprint, patch_key, p, s, sampling) for p, s in zip(prompts, seeds)]
+    out: list[np.ndarray | None] = [cache.get(k) for k in keys]
+    todo = [i for i, im in enumerate(out) if im is None]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
+        res = pipe([prompts[i] for i in idx], generator=gens, num_inference_steps=sampling["num_inference_steps"],
+                   guidance_scale=sampling["guidance_scale"], output_type="np").images
+        for j, i in enumerate(idx):
+            img = np.round(np.clip(res[j], 0, 1) * 255).astype(np.uint8)
+            cache.put(keys[i], img)  # written as soon as made: an interrupted run keeps them
+            out[i] = img
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class _Features(torch.nn.Module):
+    """Judge features as a torchmetrics feature extractor (input: float images in [0, 1])."""
+
+    def __init__(self, judge: Judge, dim: int) -> None:
+        super().__init__()
+        self.judge = judge
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.judge.features(x.float() * 2 - 1).double()
+
+
+def distribution_distances(judge: Judge, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """FID and KID between two image sets in the judge's feature space (torchmetrics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    ta, tb = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255
+    dim = judge.features(ta[:1] * 2 - 1).shape[-1]
+    fid = FrechetInceptionDistance(feature=_Features(judge, dim), normalize=True)
+    subset = max(2, min(50, len(a) // 2))
+    kid = KernelInceptionDistance(feature=_Features(judge, dim), normalize=True, subset_size=subset, subsets=50)
+    for m in (fid, kid):
+        m.update(ta, real=True)
+        m.update(tb, real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+            "feature_space": f"{judge.name} penultimate ({dim}-d)"}
+
+
+def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: str) -> dict[str, np.ndarray]:
+    probs = judge.probs(_to_tensor(images))
+    names = judge.axes()
+    pred = {a: probs[a].argmax(-1).numpy() for a in probs}
+    k = names[axis].index(label)
+    out = {"detected": (pred[axis] == k).astype(float), "p_target": probs[axis][:, k].numpy().astype(float)}
+    want = np.array([names[axis].index(lab[axis]) for lab in ps.labels])
+    out["axis_correct"] = (pred[axis] == want).astype(float)
+    other = [a for a in names if a != axis]
+    out["other_axes_correct"] = np.mean([[pred[a][i] == names[a].index(ps.labels[i][a]) for a in other]
+                                         for i in range(len(ps.labels))], axis=1).astype(float)
+    return out
+
+
+def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], patch: WeightDelta | list[WeightDelta] | None = None,
+             seeds: Iterable[int] = range(64), judge: Judge | str | None = None, cache: ImageCache | str | Path | None = None,
+             sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True) -> EvalResult:
+    """Measure what ``patch`` does to ``concepts`` on ``pipe`` (unpatched vs patched, same seeds).
+
+    Metrics per concept, each with a bootstrap 95% interval: efficacy (detection of the target
+    on prompts asking for it), generality (on unseen synonyms), specificity on neighbours and on
+    unrelated axes (and their drop against the unpatched model), MACE's harmonic score,
+    fidelity to the original (judge-feature distance per seed, FID/KID), and cost.
+    """
+    t0 = time.perf_counter()
+    specs = make_concepts(concepts)
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
+    patches = [] if patch is None else ([patch] if isinstance(patch, WeightDelta) else list(patch))
+    judge = get_judge(judge) if isinstance(judge, str) or judge is None else judge
+    cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
+    resolved = [(s, *judge.resolve(s.target)) for s in specs]  # fail early on unknown concepts
+    # a custom generator that is not a supported pipeline may state its own fingerprint
+    fingerprint = getattr(pipe, "erasekit_fingerprint", None) or get_adapter(pipe).fingerprint()
+    for p in patches:  # refuse a patch for another model before generating anything
+        p._check(pipe, force)
+    patch_key = "+".join(p.digest for p in patches) or "none"
+    samp = _sampling(pipe, sampling)
+    hits0, miss0 = cache.hits, cache.misses
+    results = []
+    t_gen = 0.0
+    for spec, axis, label in resolved:
+        sets = world_prompt_sets(spec, axis, label, len(seeds))
+        imgs: dict[str, dict[str, np.ndarray]] = {}
+        tg = time.perf_counter()
+        for name, ps in sets.items():
+            imgs[name] = {"original": generate_cached(pipe, list(ps.prompts), seeds, samp, cache, fingerprint, "none")}
+        applied = []
+        try:
+            for p in patches:
+                applied.append(p.apply(pipe, force=force))
+            for name, ps in sets.items():
+                imgs[name]["patched"] = generate_cached(pipe, list(ps.prompts), seeds, samp, cache, fingerprint, patch_key)
+        finally:
+            for p in reversed(applied):
+                p.revert(pipe)
+        t_gen += time.perf_counter() - tg
+        sc = {name: {v: _score(judge, imgs[name][v], ps, axis, label) for v in ("original", "patched")}
+              for name, ps in sets.items()}
+        m: dict[str, Any] = {}
+        for v in ("original", "patched"):
+            m[f"efficacy_{v}"] = bootstrap(sc["target"][v]["detected"]).as_dict()
+            m[f"p_target_{v}"] = bootstrap(sc["target"][v]["p_target"]).as_dict()
+            if "generality" in sc:
+                m[f"generality_{v}"] = bootstrap(sc["generality"][v]["detected"]).as_dict()
+            m[f"specificity_neighbours_{v}"] = bootstrap(sc["neighbours"][v]["axis_correct"]).as_dict()
+            m[f"specificity_unrelated_{v}"] = bootstrap(sc["unrelated"][v]["other_axes_correct"]).as_dict()
+        m["efficacy_drop"] = bootstrap_diff(sc["target"]["original"]["detected"], sc["target"]["patched"]["detected"]).as_dict()
+        for part in ("neighbours", "unrelated"):
+            key = "axis_correct" if part == "neighbours" else "other_axes_correct"
+            m[f"specificity_{part}_drop"] = bootstrap_diff(sc[part]["original"][key], sc[part]["patched"][key]).as_dict()
+        acc_e = m["efficacy_patched"]["value"]
+        acc_s = (m["specificity_neighbours_patched"]["value"] + m["specificity_unrelated_patched"]["value"]) / 2
+        acc_g = m["generality_patched"]["value"] if "generality" in sc else None
+        m["harmonic"] = harmonic(acc_e, acc_s, acc_g)
+        m["harmonic_original"] = harmonic(m["efficacy_original"]["value"],
+                                          (m["specificity_neighbours_original"]["value"]
+                                           + m["specificity_unrelated_original"]["value"]) / 2,
+                                          m["generality_original"]["value"] if "generality" in sc else None)
+        keep_o = np.concatenate([imgs["neighbours"]["original"], imgs["unrelated"]["original"]])
+        keep_p = np.concatenate([imgs["neighbours"]["patched"], imgs["unrelated"]["patched"]])
+        fo, fp = judge.features(_to_tensor(keep_o)), judge.features(_to_tensor(keep_p))
+        scale = fo.norm(dim=-1).mean()
+        m["feature_distance"] = bootstrap(((fp - fo).norm(dim=-1) / scale).numpy()).as_dict()
+        m["distribution"] = distribution_distances(judge, keep_o, keep_p)
+        results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
+                                     {k: list(v.prompts) for k, v in sets.items()}))
+    cost = {
+        "eval_wall_s": round(time.perf_counter() - t0, 2),
+        "generation_s": round(t_gen, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cache_hits": cache.hits - hits0,
+        "cache_misses": cache.misses - miss0,
+        "patches": [{"method": p.method, "digest": p.digest, "fit_wall_s": p.manifest.get("wall_time_s"),
+                     "fit_timings_s": p.manifest.get("timings_s"), "config": p.manifest.get("config")}
+                    for p in patches],
+    }
+    settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
+                "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": fingerprint,
+                "patch_key": patch_key, "judge": judge.describe(), "bootstrap": {"resamples": 2000, "level": 0.95}}
+    return EvalResult(results, settings, cost)

@@ -1,0 +1,91 @@
+"""Judges read concepts back from images. A judge is an interface; judges register by name."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InvalidInputError
+
+
+class Judge:
+    """Reads concepts from images in [-1, 1], (N, 3, H, W).
+
+    A concept resolves to ``(axis, label)``; ``probs`` gives per-axis class probabilities and
+    ``features`` an embedding used for perceptual distances and FID/KID.
+    """
+
+    name: ClassVar[str]
+    version: str = "0"
+
+    def axes(self) -> dict[str, list[str]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def resolve(self, concept: str) -> tuple[str, str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+
+class WorldJudge(Judge):
+    """The embedded world's calibrated concept classifier."""
+
+    name = "world-classifier"
+
+    def __init__(self, path: str | None = None) -> None:
+        from ..world.classifier import load_classifier
+        from ..world.assets import classifier_path
+
+        self.model = load_classifier(path)
+        import hashlib
+        from pathlib import Path
+
+        p = Path(path) if path else classifier_path()
+        self.version = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+
+    def axes(self) -> dict[str, list[str]]:
+        from ..world.vocab import AXES, CONCEPTS
+
+        return {a: list(CONCEPTS[a]) for a in AXES}
+
+    def resolve(self, concept: str) -> tuple[str, str]:
+        from ..world.vocab import find_axis
+
+        hit = find_axis(concept.strip().lower())
+        if hit is None:
+            known = "; ".join(f"{a}: {', '.join(v)}" for a, v in self.axes().items())
+            raise InvalidInputError(f"the {self.name} judge cannot recognise {concept!r}; it knows {known}")
+        return hit
+
+    @torch.no_grad()
+    def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.predict_proba(images)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        from ..world.classifier import to_input
+
+        self.model.eval()
+        return self.model.embed(to_input(images))
+
+
+JUDGES: dict[str, type[Judge]] = {}
+for _j in (WorldJudge,):
+    if _j.name in JUDGES:
+        raise RuntimeError(f"two judges are registered as {_j.name!r}")
+    JUDGES[_j.name] = _j
+
+
+def get_judge(name: str = "world-classifier", **kwargs: Any) -> Judge:
+    try:
+        return JUDGES[name](**kwargs)
+    except KeyError:
+        raise InvalidInputError(f"unknown judge {name!r}; known: {', '.join(JUDGES)}") from None

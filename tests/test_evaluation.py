@@ -1,0 +1,164 @@
+"""Evaluation harness: metrics on constructed cases with known answers, intervals, cache, report."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erasekit.errors import ErasekitError, InvalidInputError
+from erasekit.evaluation import ImageCache, bootstrap, evaluate, harmonic, parse_seeds
+from erasekit.evaluation.report import render_report
+from erasekit.world.render import render
+from erasekit.world.vocab import AXES, CONCEPTS, Labels, find_axis
+
+
+class RenderPipe:
+    """A stand-in generator that draws exactly what the prompt asks (random where it is silent),
+    except that ``replace`` maps one value to another: a perfect eraser of that value."""
+
+    def __init__(self, replace=None):
+        self.replace = replace or {}
+        self.calls = 0
+        self.fail_after = None
+        self.erasekit_fingerprint = "render-pipe"
+        self.scheduler = object()
+
+    def __call__(self, prompts, generator, num_inference_steps, guidance_scale, output_type="np"):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        images = []
+        for text, g in zip(prompts, generator):
+            seed = int(g.initial_seed())
+            rng = np.random.default_rng(seed)
+            lab = {a: list(CONCEPTS[a])[rng.integers(len(CONCEPTS[a]))] for a in AXES}
+            for w in re.findall(r"[a-z]+", text):
+                hit = find_axis(w)
+                if hit:
+                    lab[hit[0]] = hit[1]
+            lab = {a: self.replace.get(v, v) for a, v in lab.items()}
+            images.append(render(Labels(**lab), seed).astype(np.float32) / 255)
+        return type("Out", (), {"images": np.stack(images)})()
+
+
+def run_eval(pipe, tmp_path, seeds=range(32), concept="star"):
+    return evaluate(pipe, concept, seeds=seeds, cache=ImageCache(tmp_path / "cache"),
+                    sampling={"num_inference_steps": 1, "guidance_scale": 1.0})
+
+
+def test_never_and_always_drawing_generators(tmp_path):
+    always = run_eval(RenderPipe(), tmp_path).concepts[0].metrics
+    never = run_eval(RenderPipe(replace={"star": "circle"}), tmp_path / "b").concepts[0].metrics
+    assert always["efficacy_original"]["value"] == pytest.approx(1.0, abs=0.04)
+    assert never["efficacy_original"]["value"] == pytest.approx(0.0, abs=0.04)
+    assert never["generality_original"]["value"] == pytest.approx(0.0, abs=0.04)
+    assert always["generality_original"]["value"] == pytest.approx(1.0, abs=0.04)
+    assert always["specificity_neighbours_original"]["value"] >= 0.95
+    assert always["specificity_unrelated_original"]["value"] >= 0.95
+    # no patch: patched == original, so no drop, identical features, H of a non-eraser is 0
+    assert always["efficacy_drop"]["value"] == 0 and always["feature_distance"]["value"] == 0
+    assert always["harmonic"] == pytest.approx(0.0, abs=0.05)
+    assert never["harmonic"] > 0.9
+
+
+def test_bootstrap_intervals_cover_the_truth():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for i in range(200):
+        x = rng.random(100) < 0.3
+        e = bootstrap(x, n_boot=500, seed=i)
+        covered += e.low <= 0.3 <= e.high
+    assert 0.90 <= covered / 200 <= 0.99
+    e = bootstrap([1.0] * 10)
+    assert e.value == e.low == e.high == 1.0
+
+
+def test_harmonic_score():
+    assert harmonic(0.0, 1.0, 0.0) == 1.0
+    assert harmonic(1.0, 1.0, 0.0) == 0.0
+    assert harmonic(0.5, 0.5, 0.5) == pytest.approx(0.5)
+    assert harmonic(0.2, 0.9) == pytest.approx(2 / (1 / 0.8 + 1 / 0.9))
+
+
+def test_cache_hits_skip_generation_and_give_the_same_numbers(tmp_path):
+    pipe = RenderPipe()
+    first = run_eval(pipe, tmp_path)
+    calls = pipe.calls
+    assert calls > 0 and first.cost["cache_misses"] > 0
+    second = run_eval(pipe, tmp_path)
+    assert pipe.calls == calls and second.cost["cache_misses"] == 0
+    assert json.dumps(first.concepts[0].metrics, sort_keys=True) == json.dumps(second.concepts[0].metrics, sort_keys=True)
+
+
+def test_interrupted_run_keeps_finished_images(tmp_path):
+    pipe = RenderPipe()
+    pipe.fail_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(pipe, tmp_path)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) > 0
+    pipe.fail_after = None
+    res = run_eval(pipe, tmp_path)
+    assert res.cost["cache_hits"] > 0
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(InvalidInputError, match="cannot recognise 'zebra'.*shape: circle"):
+        run_eval(RenderPipe(), tmp_path, concept="zebra")
+    with pytest.raises(InvalidInputError, match="empty"):
+        run_eval(RenderPipe(), tmp_path, seeds=[])
+    with pytest.raises(InvalidInputError, match="empty"):
+        parse_seeds(" , ")
+    assert parse_seeds("0-3,9") == [0, 1, 2, 3, 9]
+
+
+def test_report_has_every_section(tmp_path):
+    res = run_eval(RenderPipe(replace={"star": "circle"}), tmp_path, seeds=range(16))
+    html = render_report(res)
+    for needle in ("id='summary'", "id='concept-star'", "set-target", "set-generality", "set-neighbours",
+                   "set-unrelated", "id='cost'", "Efficacy", "Specificity", "Generality", "Harmonic score",
+                   "FID / KID", "data:image/png;base64,"):
+        assert needle in html, needle
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--seeds", "0-7", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    m = metrics["concepts"][0]["metrics"]
+    assert m["efficacy_original"]["n"] == 8
+    assert (out / "report.html").stat().st_size > 10_000 and (out / "patch" / "patch.json").is_file()
+    assert "report:" in r.output
+
+
+def test_eval_cli_refuses_existing_run_and_foreign_patch(tmp_path, world_pipe):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    (tmp_path / "run").mkdir()
+    r = CliRunner().invoke(app, ["eval", "--concept", "star", "-o", str(tmp_path / "run")])
+    assert r.exit_code != 0 and "already exists" in r.output
+    r = CliRunner().invoke(app, ["eval", "--concept", "zebra", "-o", str(tmp_path / "run2")])
+    assert r.exit_code != 0 and "cannot recognise" in r.output and not (tmp_path / "run2").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    res = run_eval(RenderPipe(replace={"star": "circle"}), tmp_path, seeds=range(16))
+    page = tmp_path / "report.html"
+    page.write_text(render_report(res))
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    page.as_uri()], check=True, timeout=120, capture_output=True)
+    assert shot.stat().st_size > 20_000
