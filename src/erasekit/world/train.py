@@ -45,17 +45,27 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
     pool: int = field(default=30000, metadata={"help": "rendered training images"})
     classifier_steps: int = field(default=1200, metadata={"help": "judge training steps"})
-    vae_steps: int = field(default=900, metadata={"help": "VAE training steps"})
-    unet_steps: int = field(default=3600, metadata={"help": "UNet + text encoder steps"})
+    vae_steps: int = field(default=700, metadata={"help": "VAE training steps"})
+    unet_steps: int = field(default=2200, metadata={"help": "UNet + text encoder steps"})
     batch_size: int = field(default=32, metadata={"help": "UNet batch size"})
     lr: float = field(default=5e-4, metadata={"help": "UNet/text-encoder peak learning rate"})
     drop_axis_p: float = field(default=0.15, metadata={"help": "chance an axis is left out of a caption"})
     synonym_p: float = field(default=0.5, metadata={"help": "chance a word is replaced by a synonym"})
     uncond_p: float = field(default=0.1, metadata={"help": "empty-caption rate (for guidance)"})
-    synonym_loss: float = field(default=0.5, metadata={"help": "weight of the synonym alignment loss"})
-    probe_every: int = field(default=900, metadata={"help": "steps between fidelity probes"})
+    synonym_loss: float = field(default=0.0, metadata={
+        "help": "weight of an MSE pulling synonym captions' embeddings together (0: off; it can collapse the "
+                "text encoder to a constant, see the model card)"})
+    te_lr: float = field(default=2e-4, metadata={"help": "text-encoder peak learning rate"})
+    probe_every: int = field(default=550, metadata={"help": "steps between fidelity probes"})
+    first_probe: int = field(default=300, metadata={"help": "step of the first probe (catches a broken run early)"})
     probe_images: int = field(default=32, metadata={"help": "images per fidelity probe"})
-    final_eval_images: int = field(default=128, metadata={"help": "images of the closing fidelity check"})
+    final_eval_images: int = field(default=64, metadata={"help": "images of the closing fidelity check "
+                                                                     "(benchmarks/world_fidelity.py measures 500+)"})
+    min_snr_gamma: float = field(default=0.0, metadata={
+        "help": "min-SNR loss weighting (0 = off: plain v-prediction MSE, which keeps weight on the high-noise "
+                "steps where the prompt decides colour, shape and background)"})
+    reuse_classifier: str = field(default="", metadata={"help": "load this judge instead of training one"})
+    reuse_vae: str = field(default="", metadata={"help": "load this VAE folder instead of training one"})
     max_minutes: float = field(default=115.0, metadata={"help": "stop UNet training early past this"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
 
@@ -131,11 +141,18 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], batch_size: int 
 
 @torch.no_grad()
 def fidelity(pipe, classifier, n: int, seed: int = 777, synonyms: bool = False, batch_size: int = 64,
-             **sampling) -> dict[str, float]:
+             grid_path: str | Path | None = None, **sampling) -> dict[str, float]:
     """Share of generated images whose classifier argmax agrees with the prompt, per axis."""
     items = fidelity_prompts(n, seed, synonyms)
     imgs = generate_images(pipe, [p for p, _ in items], [10_000_000 + seed * 10_000 + i for i in range(n)],
                            batch_size=batch_size, **sampling)
+    if grid_path is not None:
+        from PIL import Image
+
+        arr = ((imgs[:32].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rows = [np.concatenate(list(arr[i:i + 8]), axis=1) for i in range(0, len(arr) - len(arr) % 8, 8)]
+        if rows:
+            Image.fromarray(np.concatenate(rows, axis=0)).resize((8 * 96, len(rows) * 96), Image.NEAREST).save(grid_path)
     probs = classifier.predict_proba(imgs)
     target = torch.tensor([lab.index() for _, lab in items])
     return {a: float((probs[a].argmax(-1) == target[:, i]).float().mean()) for i, a in enumerate(AXES)}
@@ -183,6 +200,8 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    import tempfile
+
     from ..io import atomic_dir
 
     torch.set_num_threads(cfg.threads)
@@ -193,11 +212,20 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
 
     # 1. the judge
     t0 = time.time()
-    classifier, creport = train_classifier(steps=cfg.classifier_steps, seed=cfg.seed, log=log)
+    if cfg.reuse_classifier:
+        from .classifier import load_classifier
+
+        classifier = load_classifier(cfg.reuse_classifier)
+        creport = evaluate_classifier(classifier, n=2000, seed=cfg.seed + 4)
+        log(f"reusing the judge at {cfg.reuse_classifier}")
+    else:
+        classifier, creport = train_classifier(steps=cfg.classifier_steps, seed=cfg.seed, log=log)
     for p in classifier.parameters():
         p.requires_grad_(False)
     timings["classifier_s"] = time.time() - t0
     log(f"classifier accuracy {creport.accuracy} ece {creport.ece}")
+    save_classifier(classifier, classifier_out)  # kept even if a later stage fails
+    work = Path(tempfile.mkdtemp(prefix="erasekit-train-"))
 
     # 2. training pool (held-out combinations excluded) and the VAE
     t0 = time.time()
@@ -208,7 +236,13 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     timings["render_s"] = time.time() - t0
     log(f"rendered {cfg.pool} training images in {timings['render_s']:.0f}s")
     t0 = time.time()
-    vae = train_vae(pool, cfg.vae_steps, cfg.seed + 11, log)
+    if cfg.reuse_vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.reuse_vae).eval()
+        log(f"reusing the VAE at {cfg.reuse_vae}")
+    else:
+        vae = train_vae(pool, cfg.vae_steps, cfg.seed + 11, log)
     for p in vae.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -222,20 +256,21 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     vae_acc = {a: float((cls_rec[a].argmax(-1) == y_rec[:, i]).float().mean()) for i, a in enumerate(AXES)}
     timings["vae_s"] = time.time() - t0
     log(f"vae scaling {scaling:.4f}; classifier on reconstructions {vae_acc}")
+    vae.save_pretrained(work / "vae")
+    log(f"saved the judge to {classifier_out} and the VAE to {work / 'vae'}")
     del pool
 
     # 3. UNet + text encoder
     t0 = time.time()
-    import tempfile
-
-    tok_dir = Path(tempfile.mkdtemp(prefix="erasekit-tok-"))
+    tok_dir = work / "tokenizer"
     tokenizer = make_tokenizer(tok_dir)
     torch.manual_seed(cfg.seed + 20)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     unet = UNet2DConditionModel(**unet_config())
     noise_sched = DDPMScheduler(**scheduler_kwargs())
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": cfg.lr},
+                             {"params": list(text_encoder.parameters()), "lr": cfg.te_lr}], weight_decay=1e-2)
     warm = 200
 
     def lr_at(step: int) -> float:
@@ -269,7 +304,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             else:
                 texts.append(caption(pool_labels[j], crng, synonym_p=cfg.synonym_p, drop_p=cfg.drop_axis_p))
         # synonym alignment pairs: same template and dropped axes, canonical vs synonym words
-        n_pairs = 8
+        n_pairs = 8 if cfg.synonym_loss > 0 else 0
         canon, syn = [], []
         for j in idx[:n_pairs].tolist():
             d = {a: (None if crng.random() < cfg.drop_axis_p else v) for a, v in pool_labels[j].as_dict().items()}
@@ -287,9 +322,12 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
         xt = noise_sched.add_noise(x0, noise, t)
         v = noise_sched.get_velocity(x0, noise, t)
         pred = unet(xt, t, h).sample
-        w = (snr[t].clamp(max=5.0) / (snr[t] + 1)).view(-1, 1, 1, 1)
-        loss_d = (w * (pred - v) ** 2).mean() / w.mean()
-        loss_s = F.mse_loss(hs, hc)
+        if cfg.min_snr_gamma > 0:
+            w = (snr[t].clamp(max=cfg.min_snr_gamma) / (snr[t] + 1)).view(-1, 1, 1, 1)
+            loss_d = (w * (pred - v) ** 2).mean() / w.mean()
+        else:
+            loss_d = F.mse_loss(pred, v)
+        loss_s = F.mse_loss(hs, hc) if n_pairs else torch.zeros(())
         loss = loss_d + cfg.synonym_loss * loss_s
         opt.zero_grad()
         loss.backward()
@@ -303,13 +341,17 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
                     pe.lerp_(p, 1 - decay)
         if step % 100 == 0:
             el = time.time() - t0
+            with torch.no_grad():  # collapse check: how alike are different captions' embeddings?
+                flat = F.normalize(h.detach().flatten(1), dim=-1)
+                sim = (flat @ flat.T)[~torch.eye(len(flat), dtype=torch.bool)].mean()
             log(f"unet step {step}/{cfg.unet_steps} loss {loss_d.item():.4f} syn {loss_s.item():.4f} "
-                f"{el:.0f}s ({el / (step + 1):.2f}s/step)")
-        if (step + 1) % cfg.probe_every == 0 or step == cfg.unet_steps - 1:
+                f"caption cos {sim.item():.3f} {el:.0f}s ({el / (step + 1):.2f}s/step)")
+        if step + 1 == cfg.first_probe or (step + 1) % cfg.probe_every == 0 or step == cfg.unet_steps - 1:
             pipe = build_pipeline(vae, ema_te, tokenizer, ema_unet)
-            fid = fidelity(pipe, classifier, cfg.probe_images, seed=1)
+            fid = fidelity(pipe, classifier, cfg.probe_images, seed=1, grid_path=work / f"probe-{step + 1}.png")
             probes.append({"step": step + 1, "minutes": (time.time() - t_start) / 60, **fid})
-            log(f"probe step {step + 1}: " + " ".join(f"{a} {v:.2f}" for a, v in fid.items()))
+            log(f"probe step {step + 1}: " + " ".join(f"{a} {v:.2f}" for a, v in fid.items())
+                + f" (grid: {work / f'probe-{step + 1}.png'})")
         if (time.time() - t_start) / 60 > cfg.max_minutes:
             log(f"stopping at step {step + 1}: time budget of {cfg.max_minutes} min reached")
             stopped_early = True
@@ -331,6 +373,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
         "total_minutes": round((time.time() - t_start) / 60, 1),
         "torch_threads": cfg.threads,
         "classifier": {"accuracy": creport.accuracy, "ece": creport.ece, "temperature": creport.temperature},
+        "reused": {"classifier": cfg.reuse_classifier, "vae": cfg.reuse_vae},
         "classifier_on_vae_reconstructions": vae_acc,
         "probes": probes,
         "fidelity_canonical": final,
@@ -346,8 +389,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
                                                        "image_size": 32}, indent=2) + "\n")
         (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(card))
-    save_classifier(classifier, classifier_out)
-    shutil.rmtree(tok_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return card
 
 
