@@ -26,11 +26,11 @@ import erasekit  # noqa: E402
 from erasekit.concepts import ConceptSpec  # noqa: E402
 from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
 from erasekit.methods import REGISTRY  # noqa: E402
-from erasekit.world.vocab import SHAPES, erase_templates  # noqa: E402
+from erasekit.world.vocab import SHAPES, UCE_WORLD, erase_templates  # noqa: E402
 
 MULTI = [("star", "heart"), ("circle", "square", "triangle")]
 #: world settings per method (others use their published defaults, templates always world-shaped)
-WORLD_SETTINGS = {"uce": {"token": "all", "erase_scale": 10.0}}
+WORLD_SETTINGS = {"uce": UCE_WORLD}
 
 
 def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:

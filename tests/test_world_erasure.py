@@ -1,40 +1,46 @@
-"""On the trained world model (not random weights): UCE really erases a shape."""
+"""On the trained world model (not random weights): UCE really erases a concept it has learned."""
 
 import random
 
-import torch
+import pytest
 
 import erasekit
 from erasekit.concepts import ConceptSpec
 from erasekit.world.train import generate_images
-from erasekit.world.vocab import AXES, BACKGROUNDS, COLOURS, SHAPES, TEXTURES, Labels, caption, erase_templates
+from erasekit.world.vocab import AXES, CONCEPTS, UCE_WORLD, Labels, caption, erase_templates
 
-TARGET = "star"
+#: (axis, concept) the shipped model draws reliably enough for a 50-point drop to be measurable;
+#: see the model card's fidelity table.
+CASES = [("background", "grass")]
 
 
-def shape_prompts(shape: str, n: int, seed: int) -> list[str]:
+def prompts_for(axis: str, value: str, n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [caption(Labels(shape, rng.choice(list(COLOURS)), rng.choice(list(TEXTURES)), rng.choice(list(BACKGROUNDS))),
-                    rng, synonym_p=0.0) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        lab = {a: rng.choice(list(CONCEPTS[a])) for a in AXES}
+        lab[axis] = value
+        out.append(caption(Labels(**lab), rng, synonym_p=0.0))
+    return out
 
 
-def shape_rate(pipe, classifier, prompts, shape, seed):
+def rate(pipe, classifier, prompts, axis, value, seed):
     imgs = generate_images(pipe, prompts, [seed + i for i in range(len(prompts))])
-    pred = classifier.predict_proba(imgs)["shape"].argmax(-1)
-    return float((pred == list(SHAPES).index(shape)).float().mean())
+    pred = classifier.predict_proba(imgs)[axis].argmax(-1)
+    return float((pred == list(CONCEPTS[axis]).index(value)).float().mean())
 
 
-def test_uce_erases_a_shape_and_spares_the_others(world_pipe, classifier):
-    others = [s for s in SHAPES if s != TARGET]
-    spec = ConceptSpec(TARGET, preserve=tuple(others))
-    patch = erasekit.erase(world_pipe, spec, method="uce", templates=erase_templates("shape"), token="all",
-                           erase_scale=10.0)
-    target_prompts = shape_prompts(TARGET, 24, seed=1)
-    other_prompts = {s: shape_prompts(s, 6, seed=2) for s in others}
+@pytest.mark.parametrize("axis, target", CASES)
+def test_uce_erases_a_concept_and_spares_its_neighbours(world_pipe, classifier, axis, target):
+    others = [v for v in CONCEPTS[axis] if v != target]
+    patch = erasekit.erase(world_pipe, ConceptSpec(target, preserve=tuple(others)), method="uce",
+                           templates=erase_templates(axis), **UCE_WORLD)
+    target_prompts = prompts_for(axis, target, 24, seed=1)
+    other_prompts = {v: prompts_for(axis, v, 8, seed=2) for v in others}
 
     def measure():
-        t = shape_rate(world_pipe, classifier, target_prompts, TARGET, 1000)
-        o = sum(shape_rate(world_pipe, classifier, p, s, 2000) for s, p in other_prompts.items()) / len(others)
+        t = rate(world_pipe, classifier, target_prompts, axis, target, 1000)
+        o = sum(rate(world_pipe, classifier, p, axis, v, 2000) for v, p in other_prompts.items()) / len(others)
         return t, o
 
     t0, o0 = measure()

@@ -239,8 +239,9 @@ def eval_cmd(
 
 @app.command()
 def demo(
-    concept: str = typer.Option("star", "--concept", help="World concept to erase."),
-    seeds: str = typer.Option("0-99", "--seeds", help="Seeds per prompt set."),
+    concept: str = typer.Option("grass", "--concept", help="World concept to erase (default: a background, "
+                                "the axis the shipped model follows best)."),
+    seeds: str = typer.Option("0-47", "--seeds", help="Seeds per prompt set."),
     output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder (replaced on each run)."),
 ) -> None:
     """Erase a concept from the embedded world with UCE, evaluate before/after, write a report."""
@@ -249,7 +250,7 @@ def demo(
     from .evaluation import evaluate, get_judge, parse_seeds
     from .io import check_parent
     from .models import load_pipeline
-    from .world.vocab import CONCEPTS, erase_templates
+    from .world.vocab import CONCEPTS, UCE_WORLD, erase_templates
 
     try:
         check_parent(output)
@@ -260,7 +261,7 @@ def demo(
             pipe = load_pipeline(None, device="cpu")
         spec = ConceptSpec(label, preserve=tuple(v for v in CONCEPTS[axis] if v != label))
         with err.status(f"erasing {label!r} with UCE"):
-            patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **DEMO_UCE)
+            patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **UCE_WORLD)
         out.print(f"UCE erased {label!r} ({axis}) in {patch.manifest['wall_time_s']:.2f}s "
                   f"({len(patch.deltas)} K/V matrices edited)")
         with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets"):
@@ -272,10 +273,6 @@ def demo(
     _summary_table(result)
     out.print(f"report: {(output / 'report.html').resolve()}  (patch in {output / 'patch'}; "
               f"total {time.time() - t0:.0f}s)")
-
-
-#: UCE settings the demo uses on the world model (see benchmarks/world_closed_form.py).
-DEMO_UCE = {"token": "all", "erase_scale": 10.0}
 
 
 @world_app.command("train")

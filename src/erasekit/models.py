@@ -59,7 +59,9 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
     """
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
 
+    dlogging.disable_progress_bar()  # "Loading pipeline components" would interleave with our output
     src = resolve_model(model)
     kwargs: dict[str, Any] = {"torch_dtype": dtype or torch.float32}
     local = Path(src).is_dir()

@@ -37,13 +37,22 @@ class SDAdapter:
                   return_attention_mask=True, return_tensors="pt")
         return enc.attention_mask.sum(-1)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], batch_size: int = 256) -> Encoded:
+    def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = []
-        for i in range(0, len(prompts), batch_size):
-            e, _ = self.pipe.encode_prompt(prompts[i:i + batch_size], self.device, 1, False)
+        for i in range(0, len(prompts), 256):
+            e, _ = self.pipe.encode_prompt(prompts[i:i + 256], self.device, 1, False)
             embeds.append(e)
-        return Encoded(torch.cat(embeds), self._lengths(prompts))
+        return torch.cat(embeds), None
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Encoded:
+        """Encode prompts as the pipeline does; repeated prompts (e.g. the anchor "") are encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        where = {p: i for i, p in enumerate(unique)}
+        idx = torch.tensor([where[p] for p in prompts], dtype=torch.long)
+        embeds, pooled = self._encode_unique(unique)
+        return Encoded(embeds[idx.to(embeds.device)], self._lengths(prompts),
+                       None if pooled is None else pooled[idx.to(pooled.device)])
 
     def fingerprint(self) -> str:
         """Hash of the unedited base model; cached on the pipeline before the first patch."""

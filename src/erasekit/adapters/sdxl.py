@@ -6,7 +6,6 @@ from typing import ClassVar
 
 import torch
 
-from .base import Encoded
 from .sd import SDAdapter
 
 
@@ -25,12 +24,11 @@ class SDXLAdapter(SDAdapter):
                   return_attention_mask=True, return_tensors="pt")
         return enc.attention_mask.sum(-1)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], batch_size: int = 256) -> Encoded:
+    def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, pooled = [], []
-        for i in range(0, len(prompts), batch_size):
-            e, _, p, _ = self.pipe.encode_prompt(prompts[i:i + batch_size], device=self.device,
+        for i in range(0, len(prompts), 256):
+            e, _, p, _ = self.pipe.encode_prompt(prompts[i:i + 256], device=self.device,
                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
             embeds.append(e)
             pooled.append(p)
-        return Encoded(torch.cat(embeds), self._lengths(prompts), torch.cat(pooled))
+        return torch.cat(embeds), torch.cat(pooled)

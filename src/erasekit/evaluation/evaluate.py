@@ -129,7 +129,9 @@ def distribution_distances(judge: Judge, a: np.ndarray, b: np.ndarray) -> dict[s
     for m in (fid, kid):
         m.update(ta, real=True)
         m.update(tb, real=False)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng():  # KID draws random subsets: seed them so reruns agree
+        torch.manual_seed(0)
+        kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
             "feature_space": f"{judge.name} penultimate ({dim}-d)"}
 
@@ -164,7 +166,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     if not seeds:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
     patches = [] if patch is None else ([patch] if isinstance(patch, WeightDelta) else list(patch))
-    judge = get_judge(judge) if isinstance(judge, str) or judge is None else judge
+    judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.resolve(s.target)) for s in specs]  # fail early on unknown concepts
     # a custom generator that is not a supported pipeline may state its own fingerprint

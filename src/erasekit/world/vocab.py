@@ -192,3 +192,8 @@ def erase_templates(axis: str = "shape") -> tuple[str, ...]:
     if axis == "background":
         return tuple(["{}", "on a {} background", "against a {} backdrop"] + [f"a {s} on a {{}} background" for s in SHAPES])
     raise KeyError(f"unknown axis {axis!r}; known: {', '.join(AXES)}")
+
+
+#: UCE settings for the world model: erase every row from the concept on (the world's captions
+#: carry the concept into later tokens) and weigh erasure over the many preserve rows.
+UCE_WORLD: dict[str, object] = {"token": "all", "erase_scale": 10.0}
