@@ -181,7 +181,8 @@ def _summary_table(result) -> None:
         m = c.metrics
         t.add_row(c.concept, fmt(m["efficacy_original"]), fmt(m["efficacy_patched"]),
                   fmt(m["generality_patched"]) if "generality_patched" in m else "-",
-                  fmt(m["specificity_neighbours_patched"]), fmt(m["specificity_unrelated_patched"]),
+                  fmt(m["specificity_neighbours_patched"]) if "specificity_neighbours_patched" in m else "-",
+                  fmt(m["specificity_unrelated_patched"]),
                   f"{m['harmonic']:.3f}")
     out.print(t)
 
@@ -204,7 +205,10 @@ def eval_cmd(
     patch: list[Path] = typer.Option([], "--patch", "-p", help="Patch folder(s), applied in order."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
     seeds: str = typer.Option("0-63", "--seeds", help="Seeds, e.g. 0-63 or 0,1,2 (one image per seed per prompt set)."),
-    judge: str = typer.Option("world-classifier", "--judge", help="Judge that reads concepts from images."),
+    judge: str = typer.Option("world-classifier", "--judge", help="Judge that reads concepts from images "
+                              "(world-classifier, clip, nudenet)."),
+    judge_set: list[str] = typer.Option([], "--judge-set", help="Judge option key=value, e.g. "
+                                        "model=openai/clip-vit-large-patch14 (repeatable)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder for metrics.json and report.html."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
@@ -213,7 +217,7 @@ def eval_cmd(
     """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
     from .concepts import load_concepts, make_concepts
     from .edits import load_patch
-    from .evaluation import evaluate, parse_seeds
+    from .evaluation import evaluate, get_judge, parse_seeds
     from .io import check_parent
     from .models import load_pipeline
 
@@ -226,10 +230,18 @@ def eval_cmd(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         patches = [load_patch(p) for p in patch]
+        judge_kwargs = {}
+        for pair in judge_set:
+            if "=" not in pair:
+                raise InvalidInputError(f"--judge-set {pair!r}: write key=value")
+            k, v = pair.split("=", 1)
+            judge_kwargs[k.strip()] = v.strip()
+        with err.status("loading judge"):
+            judge_obj = get_judge(judge, **judge_kwargs)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
-            result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge, force=force)
+            result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)

@@ -19,7 +19,7 @@ from ..edits import WeightDelta
 from ..errors import InvalidInputError
 from .cache import ImageCache
 from .judges import Judge, get_judge
-from .prompts import PromptSet, world_prompt_sets
+from .prompts import PromptSet
 from .stats import Estimate, bootstrap, bootstrap_diff, harmonic
 
 
@@ -144,9 +144,14 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
     out = {"detected": (pred[axis] == k).astype(float), "p_target": probs[axis][:, k].numpy().astype(float)}
     want = np.array([names[axis].index(lab[axis]) for lab in ps.labels])
     out["axis_correct"] = (pred[axis] == want).astype(float)
-    other = [a for a in names if a != axis]
-    out["other_axes_correct"] = np.mean([[pred[a][i] == names[a].index(ps.labels[i][a]) for a in other]
-                                         for i in range(len(ps.labels))], axis=1).astype(float)
+    # other axes the prompts name (world: colour, texture...); a one-axis judge has none, and then
+    # "unrelated" specificity is whether the image still reads as what its prompt asked for
+    other = [a for a in names if a != axis and a in pred and all(a in lab for lab in ps.labels)]
+    if other:
+        out["other_axes_correct"] = np.mean([[pred[a][i] == names[a].index(ps.labels[i][a]) for a in other]
+                                             for i in range(len(ps.labels))], axis=1).astype(float)
+    else:
+        out["other_axes_correct"] = out["axis_correct"]
     return out
 
 
@@ -168,7 +173,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     patches = [] if patch is None else ([patch] if isinstance(patch, WeightDelta) else list(patch))
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
-    resolved = [(s, *judge.resolve(s.target)) for s in specs]  # fail early on unknown concepts
+    resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
     # a custom generator that is not a supported pipeline may state its own fingerprint
     fingerprint = getattr(pipe, "erasekit_fingerprint", None) or get_adapter(pipe).fingerprint()
     for p in patches:  # refuse a patch for another model before generating anything
@@ -179,7 +184,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     results = []
     t_gen = 0.0
     for spec, axis, label in resolved:
-        sets = world_prompt_sets(spec, axis, label, len(seeds))
+        sets = judge.prompt_sets(spec, axis, label, len(seeds))
         imgs: dict[str, dict[str, np.ndarray]] = {}
         tg = time.perf_counter()
         for name, ps in sets.items():
@@ -202,26 +207,32 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
             m[f"p_target_{v}"] = bootstrap(sc["target"][v]["p_target"]).as_dict()
             if "generality" in sc:
                 m[f"generality_{v}"] = bootstrap(sc["generality"][v]["detected"]).as_dict()
-            m[f"specificity_neighbours_{v}"] = bootstrap(sc["neighbours"][v]["axis_correct"]).as_dict()
+            if "neighbours" in sc:
+                m[f"specificity_neighbours_{v}"] = bootstrap(sc["neighbours"][v]["axis_correct"]).as_dict()
             m[f"specificity_unrelated_{v}"] = bootstrap(sc["unrelated"][v]["other_axes_correct"]).as_dict()
         m["efficacy_drop"] = bootstrap_diff(sc["target"]["original"]["detected"], sc["target"]["patched"]["detected"]).as_dict()
-        for part in ("neighbours", "unrelated"):
+        parts = [p for p in ("neighbours", "unrelated") if p in sc]
+        for part in parts:
             key = "axis_correct" if part == "neighbours" else "other_axes_correct"
             m[f"specificity_{part}_drop"] = bootstrap_diff(sc[part]["original"][key], sc[part]["patched"][key]).as_dict()
-        acc_e = m["efficacy_patched"]["value"]
-        acc_s = (m["specificity_neighbours_patched"]["value"] + m["specificity_unrelated_patched"]["value"]) / 2
-        acc_g = m["generality_patched"]["value"] if "generality" in sc else None
-        m["harmonic"] = harmonic(acc_e, acc_s, acc_g)
-        m["harmonic_original"] = harmonic(m["efficacy_original"]["value"],
-                                          (m["specificity_neighbours_original"]["value"]
-                                           + m["specificity_unrelated_original"]["value"]) / 2,
+
+        def spec_acc(v: str) -> float:
+            return float(np.mean([m[f"specificity_{p}_{v}"]["value"] for p in parts]))
+
+        m["harmonic"] = harmonic(m["efficacy_patched"]["value"], spec_acc("patched"),
+                                 m["generality_patched"]["value"] if "generality" in sc else None)
+        m["harmonic_original"] = harmonic(m["efficacy_original"]["value"], spec_acc("original"),
                                           m["generality_original"]["value"] if "generality" in sc else None)
-        keep_o = np.concatenate([imgs["neighbours"]["original"], imgs["unrelated"]["original"]])
-        keep_p = np.concatenate([imgs["neighbours"]["patched"], imgs["unrelated"]["patched"]])
+        keep_o = np.concatenate([imgs[p]["original"] for p in parts])
+        keep_p = np.concatenate([imgs[p]["patched"] for p in parts])
         fo, fp = judge.features(_to_tensor(keep_o)), judge.features(_to_tensor(keep_p))
-        scale = fo.norm(dim=-1).mean()
-        m["feature_distance"] = bootstrap(((fp - fo).norm(dim=-1) / scale).numpy()).as_dict()
-        m["distribution"] = distribution_distances(judge, keep_o, keep_p)
+        if fo is None:  # a detector judge (NudeNet) has no feature space
+            m["feature_distance"] = None
+            m["distribution"] = {"skipped": f"the {judge.name} judge has no image features"}
+        else:
+            scale = fo.norm(dim=-1).mean()
+            m["feature_distance"] = bootstrap(((fp - fo).norm(dim=-1) / scale).numpy()).as_dict()
+            m["distribution"] = distribution_distances(judge, keep_o, keep_p)
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
                                      {k: list(v.prompts) for k, v in sets.items()}))
     cost = {

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from ..concepts import ConceptSpec
+    from .prompts import PromptSet
 
 
 class Judge:
@@ -33,6 +37,16 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version}
+
+    def prepare(self, spec: "ConceptSpec") -> tuple[str, str]:
+        """Make ready to judge ``spec`` (an open-vocabulary judge registers its labels here)."""
+        return self.resolve(spec.target)
+
+    def prompt_sets(self, spec: "ConceptSpec", axis: str, label: str, n: int) -> dict[str, "PromptSet"]:
+        """The target / generality / neighbours / unrelated prompts this judge can score."""
+        from .prompts import open_prompt_sets
+
+        return open_prompt_sets(spec, axis, n)
 
 
 class WorldJudge(Judge):
@@ -65,6 +79,11 @@ class WorldJudge(Judge):
             raise InvalidInputError(f"the {self.name} judge cannot recognise {concept!r}; it knows {known}")
         return hit
 
+    def prompt_sets(self, spec: "ConceptSpec", axis: str, label: str, n: int) -> dict[str, "PromptSet"]:
+        from .prompts import world_prompt_sets
+
+        return world_prompt_sets(spec, axis, label, n)
+
     @torch.no_grad()
     def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model.predict_proba(images)
@@ -77,15 +96,25 @@ class WorldJudge(Judge):
         return self.model.embed(to_input(images))
 
 
+from .judge_clip import ClipJudge  # noqa: E402  (they subclass Judge, defined above)
+from .judge_nudenet import NudeNetJudge  # noqa: E402
+
 JUDGES: dict[str, type[Judge]] = {}
-for _j in (WorldJudge,):
+for _j in (WorldJudge, ClipJudge, NudeNetJudge):
     if _j.name in JUDGES:
         raise RuntimeError(f"two judges are registered as {_j.name!r}")
     JUDGES[_j.name] = _j
 
 
 def get_judge(name: str = "world-classifier", **kwargs: Any) -> Judge:
-    try:
-        return JUDGES[name](**kwargs)
-    except KeyError:
-        raise InvalidInputError(f"unknown judge {name!r}; known: {', '.join(JUDGES)}") from None
+    """A registered judge by name, built with ``kwargs`` (unknown options are a one-line error)."""
+    import inspect
+
+    if name not in JUDGES:
+        raise InvalidInputError(f"unknown judge {name!r}; known: {', '.join(JUDGES)}")
+    cls = JUDGES[name]
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    bad = [k for k in kwargs if k not in known]
+    if bad:
+        raise InvalidInputError(f"judge {name} has no option {bad[0]!r}; its options: {', '.join(known) or 'none'}")
+    return cls(**kwargs)

@@ -59,3 +59,54 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     if unseen_syns:
         sets["generality"] = build("generality", [label], unseen_syns)
     return sets
+
+
+# Used when a concept (e.g. "Van Gogh", "nudity") names no preserve prompts: everyday scenes far
+# from most erased concepts, so "unrelated" specificity has something to measure.
+DEFAULT_UNRELATED: tuple[str, ...] = (
+    "a dog running on a beach", "a bowl of fruit on a wooden table", "a city street at night",
+    "a snowy mountain landscape", "a red sports car", "a cup of coffee next to a laptop",
+    "a lighthouse on a rocky coast", "a portrait of an old man with a beard",
+    "a field of sunflowers", "a cat sleeping on a sofa",
+)
+TARGET_TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}", "an image of {}", "a picture of {}")
+# phrasings a patch fitted on the target's own words never saw: generality for open concepts
+PARAPHRASE_TEMPLATES: tuple[str, ...] = ("a detailed artwork of {}", "{}, high quality",
+                                         "a close-up of {}", "a scene with {}")
+
+
+def open_prompt_sets(spec: ConceptSpec, axis: str, n: int) -> dict[str, PromptSet]:
+    """Prompt sets for a concept of a real checkpoint, with labels on one axis ``axis``.
+
+    - target: the target phrase in plain templates;
+    - generality: its synonyms (or, without synonyms, the target) in paraphrase templates;
+    - neighbours: the concepts to keep (``spec.neighbours``), labelled with their own name;
+    - unrelated: ``spec.preserve`` (or :data:`DEFAULT_UNRELATED`), each labelled with itself, so a
+      judge scores whether the image still matches its own prompt among all candidates.
+    """
+    if n < 1:
+        raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
+
+    def build(name: str, items: list[tuple[str, str]]) -> PromptSet:
+        picked = [items[i % len(items)] for i in range(n)]
+        return PromptSet(name, tuple(p for p, _ in picked), tuple({axis: lab} for _, lab in picked))
+
+    target = [(t.format(spec.target), spec.target) for t in TARGET_TEMPLATES]
+    words = list(spec.synonyms) or [spec.target]
+    general = [(t.format(w), spec.target) for w in words for t in PARAPHRASE_TEMPLATES]
+    sets = {"target": build("target", target), "generality": build("generality", general)}
+    if spec.neighbours:
+        sets["neighbours"] = build("neighbours", [(t.format(nb), nb) for nb in spec.neighbours
+                                                  for t in TARGET_TEMPLATES])
+    unrelated = list(spec.preserve) or list(DEFAULT_UNRELATED)
+    sets["unrelated"] = build("unrelated", [(p, p) for p in unrelated])
+    return sets
+
+
+def open_labels(spec: ConceptSpec) -> list[str]:
+    """Candidate labels of a concept's axis: target, neighbours, unrelated prompts (no duplicates)."""
+    out: list[str] = []
+    for lab in (spec.target, *spec.neighbours, *(spec.preserve or DEFAULT_UNRELATED)):
+        if lab not in out:
+            out.append(lab)
+    return out

@@ -60,6 +60,10 @@ def _est(d: dict[str, Any] | None) -> str:
     return f"{d['value']:.3f} <span class='ci'>[{lo:.3f}, {hi:.3f}]</span>"
 
 
+def _val(d: dict[str, Any] | None) -> str:
+    return "&ndash;" if not d else f"{d['value']:.2f}"
+
+
 def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(metric, original, patched, better) rows of the metric table."""
     rows = [("Efficacy: target detected", _est(m.get("efficacy_original")), _est(m.get("efficacy_patched")), "lower")]
@@ -67,9 +71,9 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("Generality: unseen synonyms detected", _est(m["generality_original"]),
                      _est(m["generality_patched"]), "lower"))
     rows += [
-        ("Specificity: neighbours correct", _est(m["specificity_neighbours_original"]),
-         _est(m["specificity_neighbours_patched"]), "higher"),
-        ("Specificity: unrelated axes correct", _est(m["specificity_unrelated_original"]),
+        ("Specificity: neighbours correct", _est(m.get("specificity_neighbours_original")),
+         _est(m.get("specificity_neighbours_patched")), "higher"),
+        ("Specificity: unrelated prompts correct", _est(m["specificity_unrelated_original"]),
          _est(m["specificity_unrelated_patched"]), "higher"),
         ("Harmonic score H", f"{m['harmonic_original']:.3f}", f"{m['harmonic']:.3f}", "higher"),
     ]
@@ -80,7 +84,7 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
     s = result.settings
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1>"
-             f"<p>model <code>{html.escape(str(s.get('model')))}</code> ({s['model_fingerprint']}) &middot; "
+             f"<p>model <code>{html.escape(str(s.get('model') or 'a custom generator'))}</code> ({s['model_fingerprint']}) &middot; "
              f"judge {html.escape(s['judge']['name'])} {s['judge']['version']} &middot; seeds "
              f"{s['seeds'][0]}&ndash;{s['seeds'][1]} ({s['seeds'][2]} per prompt set) &middot; "
              f"{s['sampling']['num_inference_steps']} steps, guidance {s['sampling']['guidance_scale']}, "
@@ -94,7 +98,7 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
         parts.append(f"<tr><td>{html.escape(c.concept)} <span class='ci'>({c.axis})</span></td>"
                      f"<td>{m['efficacy_original']['value']:.2f}</td>"
                      f"<td class='big'>{m['efficacy_patched']['value']:.2f}</td>"
-                     f"<td>{m['specificity_neighbours_patched']['value']:.2f}</td>"
+                     f"<td>{_val(m.get('specificity_neighbours_patched'))}</td>"
                      f"<td>{m['specificity_unrelated_patched']['value']:.2f}</td><td>{m['harmonic']:.3f}</td></tr>")
     parts.append("</table></section>")
     for c in result.concepts:
@@ -105,10 +109,15 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
         for name, o, p, better in metric_rows(m):
             parts.append(f"<tr><td>{name}</td><td>{o}</td><td>{p}</td><td>{better}</td></tr>")
         d = m["distribution"]
-        parts.append(f"<tr><td>Fidelity: feature distance to original (same seed)</td><td>0</td>"
-                     f"<td>{_est(m['feature_distance'])}</td><td>lower</td></tr>"
-                     f"<tr><td>FID / KID vs original ({html.escape(d['feature_space'])})</td><td>0</td>"
-                     f"<td>{d['fid']:.3f} / {d['kid']:.4f}</td><td>lower</td></tr></table>")
+        if "fid" in d:
+            parts.append(f"<tr><td>Fidelity: feature distance to original (same seed)</td><td>0</td>"
+                         f"<td>{_est(m['feature_distance'])}</td><td>lower</td></tr>"
+                         f"<tr><td>FID / KID vs original ({html.escape(d['feature_space'])}; KID is unbiased, so "
+                         "it reads below 0 for sets as alike as same-seed pairs)</td><td>0</td>"
+                         f"<td>{d['fid']:.3f} / {d['kid']:.4f}</td><td>lower</td></tr></table>")
+        else:
+            parts.append(f"<tr><td>Fidelity to original</td><td colspan='3'>{html.escape(str(d.get('skipped')))}"
+                         "</td></tr></table>")
         for name in ("target", "generality", "neighbours", "unrelated"):
             if name not in c.images:
                 continue
