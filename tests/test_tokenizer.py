@@ -3,6 +3,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from erasekit.world.assets import model_path
+from erasekit.world.train import MAX_TOKENS
 from erasekit.world.tokenizer import BOS, EOS, build_vocab, write_tokenizer_files
 from erasekit.world.vocab import all_words
 
@@ -16,7 +17,7 @@ def test_committed_tokenizer_files_are_reproducible(tmp_path: Path):
 
 def test_every_world_word_is_one_token_and_round_trips():
     tok = CLIPTokenizer.from_pretrained(str(model_path() / "tokenizer"))
-    assert tok.model_max_length == 77
+    assert tok.model_max_length == MAX_TOKENS  # the world's short context (see train.py)
     for w in all_words():
         ids = tok(w).input_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id

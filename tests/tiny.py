@@ -37,13 +37,15 @@ def _distinct_tokens(te: torch.nn.Module) -> torch.nn.Module:
     return te
 
 
+#: the UNet layout both tiny pipelines share (one plain and one cross-attention level)
+_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
 def tiny_sd(tok_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tok = make_tokenizer(tok_dir)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                norm_num_groups=32)
+    unet = UNet2DConditionModel(**_UNET, cross_attention_dim=32, norm_num_groups=32)
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_distinct_tokens(CLIPTextModel(CLIPTextConfig(**_text_config(tok)))),
                                    tokenizer=tok, unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -54,9 +56,7 @@ def tiny_sd(tok_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
 def tiny_sdxl(tok_dir: Path, seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     tok = make_tokenizer(tok_dir)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+    unet = UNet2DConditionModel(**_UNET, attention_head_dim=(2, 4),
                                 use_linear_projection=True, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
                                 projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1)
