@@ -51,13 +51,14 @@ def main() -> None:
     ceiling = {a: float((probs[a].argmax(-1) == target[:, i]).float().mean()) for i, a in enumerate(AXES)}
 
     print(f"world fidelity: {args.n} held-out prompts per set, {pipe.erasekit_source}")
-    print(f"{'axis':<11}{'bar':>6}{'canonical':>11}{'synonyms':>10}{'gap':>7}{'renders':>9}{'chance':>8}  verdict")
+    print(f"{'axis':<11}{'bar':>6}{'canonical':>11}{'±95%':>7}{'synonyms':>10}{'gap':>7}{'renders':>9}{'chance':>8}  verdict")
     all_ok = True
     for a in AXES:
         gap = canon[a] - syn[a]
         ok = canon[a] >= BARS[a] and abs(gap) <= 0.05
         all_ok &= ok
-        print(f"{a:<11}{BARS[a]:>6.2f}{canon[a]:>11.3f}{syn[a]:>10.3f}{gap:>+7.3f}{ceiling[a]:>9.3f}"
+        half = 1.96 * (canon[a] * (1 - canon[a]) / args.n) ** 0.5  # normal approximation of a binomial
+        print(f"{a:<11}{BARS[a]:>6.2f}{canon[a]:>11.3f}{half:>7.3f}{syn[a]:>10.3f}{gap:>+7.3f}{ceiling[a]:>9.3f}"
               f"{1 / len(CONCEPTS[a]):>8.3f}  {'meets bar' if ok else 'BELOW BAR'}")
     print(f"generation: {args.n / t_gen:.1f} images/s (CPU, {args.threads} threads, "
           f"{SAMPLING_DEFAULTS['num_inference_steps']} steps, guidance {SAMPLING_DEFAULTS['guidance_scale']})")

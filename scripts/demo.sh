@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's demo command: set up, then generate from the embedded world model.
+# The README's demo command: set up, then erase a concept from the embedded world with UCE,
+# evaluate before/after on the same seeds and write erasekit-demo/report.html.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
-erasekit generate "a crimson star on a grass background" -n 8 --seed 0 -o demo-grid.png "$@"
+erasekit demo "$@"
