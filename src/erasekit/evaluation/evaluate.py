@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..errors import InvalidInputError
 from .cache import ImageCache
 from .judges import Judge, get_judge
 from .prompts import PromptSet
-from .stats import Estimate, bootstrap, bootstrap_diff, harmonic
+from .metrics import efficacy, eval_cost, fidelity, generality, harmonic_scores, specificity
 
 
 @dataclass
@@ -104,38 +103,6 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-class _Features(torch.nn.Module):
-    """Judge features as a torchmetrics feature extractor (input: float images in [0, 1])."""
-
-    def __init__(self, judge: Judge, dim: int) -> None:
-        super().__init__()
-        self.judge = judge
-        self.num_features = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.judge.features(x.float() * 2 - 1).double()
-
-
-def distribution_distances(judge: Judge, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """FID and KID between two image sets in the judge's feature space (torchmetrics)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    ta, tb = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255
-    dim = judge.features(ta[:1] * 2 - 1).shape[-1]
-    fid = FrechetInceptionDistance(feature=_Features(judge, dim), normalize=True)
-    subset = max(2, min(50, len(a) // 2))
-    kid = KernelInceptionDistance(feature=_Features(judge, dim), normalize=True, subset_size=subset, subsets=50)
-    for m in (fid, kid):
-        m.update(ta, real=True)
-        m.update(tb, real=False)
-    with torch.random.fork_rng():  # KID draws random subsets: seed them so reruns agree
-        torch.manual_seed(0)
-        kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-            "feature_space": f"{judge.name} penultimate ({dim}-d)"}
-
-
 def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: str) -> dict[str, np.ndarray]:
     probs = judge.probs(_to_tensor(images))
     names = judge.axes()
@@ -201,50 +168,21 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         t_gen += time.perf_counter() - tg
         sc = {name: {v: _score(judge, imgs[name][v], ps, axis, label) for v in ("original", "patched")}
               for name, ps in sets.items()}
-        m: dict[str, Any] = {}
-        for v in ("original", "patched"):
-            m[f"efficacy_{v}"] = bootstrap(sc["target"][v]["detected"]).as_dict()
-            m[f"p_target_{v}"] = bootstrap(sc["target"][v]["p_target"]).as_dict()
-            if "generality" in sc:
-                m[f"generality_{v}"] = bootstrap(sc["generality"][v]["detected"]).as_dict()
-            if "neighbours" in sc:
-                m[f"specificity_neighbours_{v}"] = bootstrap(sc["neighbours"][v]["axis_correct"]).as_dict()
-            m[f"specificity_unrelated_{v}"] = bootstrap(sc["unrelated"][v]["other_axes_correct"]).as_dict()
-        m["efficacy_drop"] = bootstrap_diff(sc["target"]["original"]["detected"], sc["target"]["patched"]["detected"]).as_dict()
-        parts = [p for p in ("neighbours", "unrelated") if p in sc]
-        for part in parts:
-            key = "axis_correct" if part == "neighbours" else "other_axes_correct"
-            m[f"specificity_{part}_drop"] = bootstrap_diff(sc[part]["original"][key], sc[part]["patched"][key]).as_dict()
-
-        def spec_acc(v: str) -> float:
-            return float(np.mean([m[f"specificity_{p}_{v}"]["value"] for p in parts]))
-
-        m["harmonic"] = harmonic(m["efficacy_patched"]["value"], spec_acc("patched"),
-                                 m["generality_patched"]["value"] if "generality" in sc else None)
-        m["harmonic_original"] = harmonic(m["efficacy_original"]["value"], spec_acc("original"),
-                                          m["generality_original"]["value"] if "generality" in sc else None)
-        keep_o = np.concatenate([imgs[p]["original"] for p in parts])
-        keep_p = np.concatenate([imgs[p]["patched"] for p in parts])
-        fo, fp = judge.features(_to_tensor(keep_o)), judge.features(_to_tensor(keep_p))
-        if fo is None:  # a detector judge (NudeNet) has no feature space
-            m["feature_distance"] = None
-            m["distribution"] = {"skipped": f"the {judge.name} judge has no image features"}
-        else:
-            scale = fo.norm(dim=-1).mean()
-            m["feature_distance"] = bootstrap(((fp - fo).norm(dim=-1) / scale).numpy()).as_dict()
-            m["distribution"] = distribution_distances(judge, keep_o, keep_p)
+        both = ("original", "patched")
+        m: dict[str, Any] = efficacy({v: sc["target"][v]["detected"] for v in both},
+                                     {v: sc["target"][v]["p_target"] for v in both})
+        if "generality" in sc:
+            m.update(generality({v: sc["generality"][v]["detected"] for v in both}))
+        # neighbours: other values of the target's axis, read on that axis; unrelated: the other axes
+        parts = {"neighbours": "axis_correct", "unrelated": "other_axes_correct"}
+        parts = {p: k for p, k in parts.items() if p in sc}
+        m.update(specificity({p: {v: sc[p][v][k] for v in both} for p, k in parts.items()}))
+        m.update(harmonic_scores(m))
+        m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in parts]),
+                          np.concatenate([imgs[p]["patched"] for p in parts])))
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
                                      {k: list(v.prompts) for k, v in sets.items()}))
-    cost = {
-        "eval_wall_s": round(time.perf_counter() - t0, 2),
-        "generation_s": round(t_gen, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "cache_hits": cache.hits - hits0,
-        "cache_misses": cache.misses - miss0,
-        "patches": [{"method": p.method, "digest": p.digest, "fit_wall_s": p.manifest.get("wall_time_s"),
-                     "fit_timings_s": p.manifest.get("timings_s"), "config": p.manifest.get("config")}
-                    for p in patches],
-    }
+    cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
     settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
                 "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": fingerprint,
                 "patch_key": patch_key, "judge": judge.describe(), "bootstrap": {"resamples": 2000, "level": 0.95}}

@@ -134,6 +134,10 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
     parts.append("<section id='cost'><h2>Cost and configuration</h2><table><tr><th>item</th><th>value</th></tr>")
     for p in cost["patches"]:
         parts.append(f"<tr><td>fit: {html.escape(p['method'])} ({p['digest']})</td><td>{p['fit_wall_s']} s</td></tr>")
+        mem = p.get("fit_peak_memory_mb") or {}
+        if mem:
+            parts.append(f"<tr><td>fit peak memory</td><td>{html.escape(', '.join(f'{k} {v}' for k, v in mem.items()))}"
+                         "</td></tr>")
     parts.append(f"<tr><td>evaluation wall time</td><td>{cost['eval_wall_s']} s</td></tr>"
                  f"<tr><td>of which generation</td><td>{cost['generation_s']} s</td></tr>"
                  f"<tr><td>peak memory (RSS)</td><td>{cost['peak_rss_mb']} MB</td></tr>"

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals and the harmonic score."""
+"""Bootstrap confidence intervals, shared by every metric."""
 
 from __future__ import annotations
 
@@ -38,11 +38,3 @@ def bootstrap(outcomes: np.ndarray | list[float], n_boot: int = 2000, seed: int 
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> Estimate:
     """Paired difference mean(a - b) (same seeds), with a bootstrap interval."""
     return bootstrap(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), n_boot, seed)
-
-
-def harmonic(acc_e: float, acc_s: float, acc_g: float | None = None) -> float:
-    """MACE's H: harmonic mean of (1 - efficacy acc), specificity acc and (1 - generality acc)."""
-    parts = [1 - acc_e, acc_s] + ([] if acc_g is None else [1 - acc_g])
-    if any(p <= 0 for p in parts):
-        return 0.0
-    return len(parts) / sum(1 / p for p in parts)

@@ -106,9 +106,22 @@ def preserve_prompts(concepts: list[ConceptSpec], templates: tuple[str, ...]) ->
 
 
 class Timer:
+    """Wall time of a fit, by part, and its memory high-water marks."""
+
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.parts: dict[str, float] = {}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def memory(self) -> dict[str, float]:
+        """Process peak RSS (an upper bound: it includes loading the model) and, on CUDA, the fit's peak."""
+        import resource
+
+        out = {"process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if torch.cuda.is_available():
+            out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
 
     def mark(self, name: str, since: float) -> None:
         self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - since
@@ -144,6 +157,7 @@ def make_patch(method: Method, adapter: SDAdapter, concepts: list[ConceptSpec], 
         "erasekit_version": __version__,
         "wall_time_s": round(timer.total(), 4),
         "timings_s": {k: round(v, 4) for k, v in timer.parts.items()},
+        "peak_memory_mb": timer.memory(),
         "residuals": layer_residuals,
     }
     if extra:
