@@ -60,7 +60,7 @@ def concept_names(n: int) -> list[str]:
 
 
 def build(device: str) -> StableDiffusionPipeline:
-    tok = make_tokenizer(tempfile.mkdtemp())
+    tok = make_tokenizer(tempfile.mkdtemp(), model_max_length=77)  # SD1.5 pads to 77 tokens
     torch.manual_seed(0)
     te = CLIPTextModel(CLIPTextConfig(**CLIP_L, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id))

@@ -106,3 +106,26 @@ def test_singular_and_non_finite_systems_are_clear_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(SolveError, match="non-finite"):
         ridge_solve(bad, m, lam=0.1)
+
+
+def test_shared_factorisation_follows_the_moments():
+    """Layers share one factorisation per (scales, projector); adding rows or changing them must not reuse it."""
+    d = 12
+    m = Moments(d)
+    m.add_erase(rand(4, d, seed=1), rand(4, d, seed=2))
+    w_a, w_b = rand(6, d, seed=3), rand(9, d, seed=4)
+    first = ridge_solve(w_a, m, lam=0.5)
+    assert torch.equal(ridge_solve(w_a, m, lam=0.5), first)
+    fresh = Moments(d)
+    fresh.add_erase(rand(4, d, seed=1), rand(4, d, seed=2))
+    assert torch.allclose(ridge_solve(w_b, m, lam=0.5), ridge_solve(w_b, fresh, lam=0.5), atol=1e-12)
+    assert not torch.allclose(ridge_solve(w_a, m, lam=2.0), first)  # another lam, another system
+    m.add_preserve(rand(3, d, seed=5))
+    fresh.add_preserve(rand(3, d, seed=5))
+    assert torch.allclose(ridge_solve(w_a, m, lam=0.5), ridge_solve(w_a, fresh, lam=0.5), atol=1e-12)
+    p1 = null_space_projector(fresh.s_pp, tau=1e-6)
+    p2 = torch.eye(d, dtype=DTYPE)
+    n1 = null_space_solve(w_a, m, p1, alpha=1.0)
+    n2 = null_space_solve(w_a, m, p2, alpha=1.0)
+    assert not torch.allclose(n1, n2)
+    assert torch.allclose(null_space_solve(w_a, fresh, p2, alpha=1.0), n2, atol=1e-12)

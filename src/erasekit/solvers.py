@@ -45,6 +45,8 @@ class Moments:
     s_pp: torch.Tensor = field(init=False)
     n_erase: float = 0.0
     n_preserve: float = 0.0
+    # factorisations of the d x d system, shared by every layer that solves with the same scales
+    _factors: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         z = lambda: torch.zeros(self.dim, self.dim, dtype=DTYPE)  # noqa: E731
@@ -61,6 +63,7 @@ class Moments:
         self.s_gc += g.T @ cw
         self.s_gg += (g * (w.reshape(-1, 1) if w.ndim else w)).T @ g
         self.n_erase += float(w.sum()) if w.ndim else float(w) * len(c)
+        self._factors.clear()
 
     def add_preserve(self, p: torch.Tensor, weight: float = 1.0) -> None:
         """Add preserve rows ``p`` (n, d)."""
@@ -71,6 +74,7 @@ class Moments:
         p = p.to(DTYPE)
         self.s_pp += weight * (p.T @ p)
         self.n_preserve += weight * len(p)
+        self._factors.clear()
 
 
 def _check_finite(*ts: torch.Tensor) -> None:
@@ -80,13 +84,21 @@ def _check_finite(*ts: torch.Tensor) -> None:
                              "check the model's weights and dtype")
 
 
-def _solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Return ``a @ inv(b)`` for symmetric positive-definite ``b`` (Cholesky, LU fallback)."""
+def _factor(b: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Cholesky factor of symmetric positive-definite ``b``; LU where that fails."""
     l, info = torch.linalg.cholesky_ex(b)
     if int(info) == 0:
-        return torch.cholesky_solve(a.T, l).T
+        return "cholesky", l
+    return "lu", b
+
+
+def _solve_right(a: torch.Tensor, b: torch.Tensor, factor: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Return ``a @ inv(b)`` for symmetric ``b`` (Cholesky, LU fallback)."""
+    kind, f = factor or _factor(b)
+    if kind == "cholesky":
+        return torch.cholesky_solve(a.T, f).T
     try:
-        x = torch.linalg.solve(b.T, a.T).T
+        x = torch.linalg.solve(f.T, a.T).T
     except RuntimeError:
         raise SolveError("the closed-form system is singular; raise the regulariser (--set lam=...) "
                          "or add preserve prompts") from None
@@ -109,17 +121,30 @@ def ridge_solve(w0: torch.Tensor, m: Moments, *, lam: float, erase_scale: float 
         w_ref: regulariser anchor (default ``w0``).
     """
     w0 = w0.to(DTYPE)
+    if w_target is None and w_preserve is None and w_ref is None:
+        # every term reads W0 through the same rows, so W = W0 T with one d x d T for all layers:
+        # T = (lam I + s_e S_gc + s_p S_pp)(lam I + s_e S_cc + s_p S_pp)^-1, built once per fit
+        key = ("ridge-transform", float(lam), float(erase_scale), float(preserve_scale))
+        if key not in m._factors:
+            eye = torch.eye(m.dim, dtype=DTYPE)
+            m._factors[key] = ridge_solve(eye, m, lam=lam, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                                          w_target=eye, w_preserve=eye, w_ref=eye)
+        _check_finite(w0)
+        return w0 @ m._factors[key]
     wt = w0 if w_target is None else w_target.to(DTYPE)
     wp = w0 if w_preserve is None else w_preserve.to(DTYPE)
     wr = w0 if w_ref is None else w_ref.to(DTYPE)
-    eye = torch.eye(m.dim, dtype=DTYPE)
     a = lam * wr + erase_scale * (wt @ m.s_gc) + preserve_scale * (wp @ m.s_pp)
-    b = lam * eye + erase_scale * m.s_cc + preserve_scale * m.s_pp
-    _check_finite(a, b)
-    if lam <= 0 and torch.linalg.matrix_rank(b) < m.dim:
-        raise SolveError("with lam=0 the erase and preserve rows do not span the embedding space; "
-                         "set lam > 0 (--set lam=0.1)")
-    return _solve_right(a, b)
+    _check_finite(a)
+    key = ("ridge", float(lam), float(erase_scale), float(preserve_scale))
+    if key not in m._factors:  # the d x d system is the same for every layer: factor it once
+        b = lam * torch.eye(m.dim, dtype=DTYPE) + erase_scale * m.s_cc + preserve_scale * m.s_pp
+        _check_finite(b)
+        if lam <= 0 and torch.linalg.matrix_rank(b) < m.dim:
+            raise SolveError("with lam=0 the erase and preserve rows do not span the embedding space; "
+                             "set lam > 0 (--set lam=0.1)")
+        m._factors[key] = _factor(b)
+    return _solve_right(a, None, m._factors[key])
 
 
 def null_space_projector(s_pp: torch.Tensor, tau: float, relative: bool = False) -> torch.Tensor:
@@ -140,20 +165,33 @@ def null_space_solve(w0: torch.Tensor, m: Moments, projector: torch.Tensor, *, a
     """
     w0 = w0.to(DTYPE)
     wt = w0 if w_target is None else w_target.to(DTYPE)
-    p = projector.to(DTYPE)
-    eye = torch.eye(m.dim, dtype=DTYPE)
-    r = wt @ m.s_gc - w0 @ m.s_cc
-    _check_finite(r, p)
-    mm = torch.linalg.solve(m.s_cc @ p + alpha * eye, eye)  # M, general (non-symmetric) solve
-    core = eye
-    if constraints is not None and constraints.numel():
-        k = constraints.to(DTYPE)
-        inner = k.T @ p @ mm @ k + mu * torch.eye(k.shape[1], dtype=DTYPE)
-        try:
-            core = eye - mm @ k @ torch.linalg.solve(inner, k.T @ p)
-        except RuntimeError:
-            raise SolveError("the equality constraints are degenerate; set mu > 0 (--set mu=0.1)") from None
-    dw = r @ p @ core @ mm
+    _check_finite(w0, wt)
+    key = ("null", float(alpha), float(mu))
+    hit = m._factors.get(key)
+    # the right-hand factor P [I - ...] M is the same for every layer: build it once per fit
+    if hit is None or hit[0] is not projector or hit[1] is not constraints:
+        p = projector.to(DTYPE)
+        _check_finite(p)
+        eye = torch.eye(m.dim, dtype=DTYPE)
+        mm = torch.linalg.solve(m.s_cc @ p + alpha * eye, eye)  # M, general (non-symmetric) solve
+        core = eye
+        if constraints is not None and constraints.numel():
+            k = constraints.to(DTYPE)
+            inner = k.T @ p @ mm @ k + mu * torch.eye(k.shape[1], dtype=DTYPE)
+            try:
+                core = eye - mm @ k @ torch.linalg.solve(inner, k.T @ p)
+            except RuntimeError:
+                raise SolveError("the equality constraints are degenerate; set mu > 0 (--set mu=0.1)") from None
+        hit = m._factors[key] = (projector, constraints, p @ core @ mm)
+    if w_target is None:  # dW = W0 (S_gc - S_cc) R: one d x d transform shared by all layers
+        tkey = ("null-transform", float(alpha), float(mu))
+        th = m._factors.get(tkey)
+        if th is None or th[0] is not hit[2]:
+            th = m._factors[tkey] = (hit[2], torch.eye(m.dim, dtype=DTYPE) + (m.s_gc - m.s_cc) @ hit[2])
+        w = w0 @ th[1]
+        _check_finite(w)
+        return w
+    dw = (wt @ m.s_gc - w0 @ m.s_cc) @ hit[2]
     _check_finite(dw)
     return w0 + dw
 
@@ -162,14 +200,32 @@ def residuals(w: torch.Tensor, w0: torch.Tensor, m: Moments, w_target: torch.Ten
               w_preserve: torch.Tensor | None = None) -> dict[str, float]:
     """Relative erase residual ``sum||Wc - W_t g||^2 / sum||W_t g||^2`` and preserve drift."""
     w, w0 = w.to(DTYPE), w0.to(DTYPE)
-    wt = w0 if w_target is None else w_target.to(DTYPE)
-    wp = w0 if w_preserve is None else w_preserve.to(DTYPE)
-    tgt = torch.trace(wt @ m.s_gg @ wt.T)
-    err = torch.trace(w @ m.s_cc @ w.T) - 2 * torch.trace(w @ m.s_gc.T @ wt.T) + tgt
-    before = torch.trace(w0 @ m.s_cc @ w0.T) - 2 * torch.trace(w0 @ m.s_gc.T @ wt.T) + tgt
-    d = w - wp
-    drift = torch.trace(d @ m.s_pp @ d.T)
-    base = torch.trace(wp @ m.s_pp @ wp.T)
+    if w_target is None and w_preserve is None:
+        # every term is trace(A S B^T) with A, B in {W, W0}: = <B^T A, S^T>, so three d x d Gram
+        # products per layer replace seven (d_out x d x d) ones
+        g00, gww, gw0 = w0.T @ w0, w.T @ w, w0.T @ w  # gw0 = W0^T W
+
+        def tr(gram: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:  # trace(A S B^T) with gram = B^T A
+            return (gram * s_.T).sum()
+
+        tgt = tr(g00, m.s_gg)
+        err = tr(gww, m.s_cc) - 2 * tr(gw0, m.s_gc.T) + tgt
+        before = tr(g00, m.s_cc) - 2 * tr(g00, m.s_gc.T) + tgt
+        drift = tr(gww - gw0 - gw0.T + g00, m.s_pp)
+        base = tr(g00, m.s_pp)
+    else:
+        wt = w0 if w_target is None else w_target.to(DTYPE)
+        wp = w0 if w_preserve is None else w_preserve.to(DTYPE)
+
+        def tr3(a_: torch.Tensor, s_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:  # trace(A S B^T)
+            return ((a_ @ s_) * b_).sum()
+
+        tgt = tr3(wt, m.s_gg, wt)
+        err = tr3(w, m.s_cc, w) - 2 * tr3(w, m.s_gc.T, wt) + tgt
+        before = tr3(w0, m.s_cc, w0) - 2 * tr3(w0, m.s_gc.T, wt) + tgt
+        d = w - wp
+        drift = tr3(d, m.s_pp, d)
+        base = tr3(wp, m.s_pp, wp)
     return {
         "erase_residual": float(err.clamp(min=0) / tgt.clamp(min=1e-30)),
         "erase_residual_before": float(before.clamp(min=0) / tgt.clamp(min=1e-30)),

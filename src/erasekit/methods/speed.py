@@ -85,9 +85,10 @@ class SPEED(Method):
         eye = torch.eye(d, dtype=DTYPE)
         gen = torch.Generator().manual_seed(cfg.seed)
         info: dict[str, dict] = {}
+        plain = (m.s_gc - m.s_cc) @ torch.linalg.inv(eye + m.s_cc)  # shared by every layer
 
         def solve(name: str, w0: torch.Tensor) -> torch.Tensor:
-            dw0 = w0 @ (m.s_gc - m.s_cc) @ torch.linalg.inv(eye + m.s_cc)  # plain erase update (IPF/DPA score)
+            dw0 = w0 @ plain  # the plain erase update, which IPF and DPA score retain rows by
             r = r_all
             if cfg.prior_filter and len(r) > 1:
                 score = (dw0 @ r.T).norm(dim=0)
