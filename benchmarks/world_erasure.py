@@ -41,8 +41,31 @@ def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
     gen = [m["generality_patched"]["value"] for m in ms if "generality_patched" in m]
     return {"method": method, "concepts": "+".join(concepts), "efficacy": avg("efficacy_patched"),
             "efficacy_before": avg("efficacy_original"), "generality": sum(gen) / len(gen) if gen else float("nan"),
-            "neighbours": avg("specificity_neighbours_patched"), "unrelated": avg("specificity_unrelated_patched"),
+            "neighbours": avg("specificity_neighbours_patched"), "neighbours_before": avg("specificity_neighbours_original"),
+            "unrelated": avg("specificity_unrelated_patched"), "unrelated_before": avg("specificity_unrelated_original"),
             "H": sum(m["harmonic"] for m in ms) / len(ms), "fit_s": fit_s}
+
+
+def fmt(r: dict) -> str:
+    fit = f"{r['fit_s']:>7.2f}" if r["method"] != "(none)" else f"{'':>7}"
+    return (f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
+            f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['neighbours_before']:>7.2f}{r['unrelated']:>7.2f}"
+            f"{r['unrelated_before']:>7.2f}{r['H']:>7.3f}{fit}")
+
+
+def summary(rows: list[dict]) -> None:
+    """Per-method means over every row: the one table to compare methods by."""
+    print("\nmeans per method (eff0/neigh0/unrel0: the unedited model on the same prompts and seeds)")
+    print(f"{'method':<9}{'rows':>5}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}{'unrel0':>7}"
+          f"{'H':>7}{'fit s':>7}")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("efficacy", "efficacy_before", "generality", "neighbours",
+                                                             "neighbours_before", "unrelated", "unrelated_before",
+                                                             "H", "fit_s")}
+        print(f"{m:<9}{len(rs):>5}{avg['efficacy']:>6.2f}{avg['efficacy_before']:>6.2f}{avg['generality']:>6.2f}"
+              f"{avg['neighbours']:>7.2f}{avg['neighbours_before']:>7.2f}{avg['unrelated']:>7.2f}"
+              f"{avg['unrelated_before']:>7.2f}{avg['H']:>7.3f}{avg['fit_s']:>7.2f}")
 
 
 def main(family: str | None = None) -> None:
@@ -67,14 +90,14 @@ def main(family: str | None = None) -> None:
     rows = []
     t0 = time.time()
     print(f"world erasure benchmark ({args.axis}): {len(seeds)} seeds per prompt set; efficacy/generality lower is better")
-    hdr = f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'unrel':>7}{'H':>7}{'fit s':>7}"
+    hdr = (f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}"
+           f"{'unrel0':>7}{'H':>7}{'fit s':>7}")
     print(hdr)
     for concepts in jobs:
         base = evaluate(pipe, list(concepts), seeds=seeds, cache=cache)
         r = row("(none)", concepts, base, 0.0)
         rows.append(r)
-        print(f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
-              f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['unrelated']:>7.2f}{r['H']:>7.3f}{'':>7}", flush=True)
+        print(fmt(r), flush=True)
         for method in args.methods.split(","):
             specs = [ConceptSpec(c, preserve=tuple(o for o in values if o not in concepts)) for c in concepts]
             patch = erasekit.erase(pipe, specs, method=method, templates=erase_templates(args.axis),
@@ -82,9 +105,8 @@ def main(family: str | None = None) -> None:
             res = evaluate(pipe, specs, patch=patch, seeds=seeds, cache=cache)
             r = row(method, concepts, res, patch.manifest["wall_time_s"])
             rows.append(r)
-            print(f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
-                  f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['unrelated']:>7.2f}{r['H']:>7.3f}"
-                  f"{r['fit_s']:>7.2f}", flush=True)
+            print(fmt(r), flush=True)
+    summary(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"world_erasure_{args.axis}.csv", "w", newline="") as f:

@@ -129,3 +129,27 @@ def test_shared_factorisation_follows_the_moments():
     n2 = null_space_solve(w_a, m, p2, alpha=1.0)
     assert not torch.allclose(n1, n2)
     assert torch.allclose(null_space_solve(w_a, fresh, p2, alpha=1.0), n2, atol=1e-12)
+
+
+def test_shared_transform_paths_agree_with_the_per_layer_formulas():
+    """W0 T (one d x d T for all layers) and Gram-matrix residuals equal the direct per-layer algebra."""
+    from erasekit.solvers import residuals
+
+    d = 10
+    m = Moments(d)
+    m.add_erase(rand(3, d, seed=1), rand(3, d, seed=2))
+    m.add_preserve(rand(5, d, seed=3))
+    for d_out in (4, 17):
+        w0 = rand(d_out, d, seed=d_out)
+        fast = ridge_solve(w0, m, lam=0.3, erase_scale=2.0, preserve_scale=0.5)
+        direct = ridge_solve(w0, m, lam=0.3, erase_scale=2.0, preserve_scale=0.5,
+                             w_target=w0.clone(), w_preserve=w0.clone(), w_ref=w0.clone())
+        assert torch.allclose(fast, direct, atol=1e-10)
+        proj = null_space_projector(m.s_pp, tau=1e-3, relative=True)
+        n_fast = null_space_solve(w0, m, proj, alpha=0.7)
+        n_direct = null_space_solve(w0, m, proj, alpha=0.7, w_target=w0.clone())
+        assert torch.allclose(n_fast, n_direct, atol=1e-10)
+        r_fast = residuals(fast, w0, m)
+        r_direct = residuals(fast, w0, m, w_target=w0.clone(), w_preserve=w0.clone())
+        for k in r_fast:
+            assert r_fast[k] == pytest.approx(r_direct[k], rel=1e-8, abs=1e-12)
