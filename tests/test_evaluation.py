@@ -149,6 +149,8 @@ def test_eval_cli_refuses_existing_run_and_foreign_patch(tmp_path, world_pipe):
     assert r.exit_code != 0 and "already exists" in r.output
     r = CliRunner().invoke(app, ["eval", "--concept", "zebra", "-o", str(tmp_path / "run2")])
     assert r.exit_code != 0 and "cannot recognise" in r.output and not (tmp_path / "run2").exists()
+    r = CliRunner().invoke(app, ["eval", "--concept", "star", "--fid-features", "pixels", "-o", str(tmp_path / "run3")])
+    assert r.exit_code != 0 and "unknown FID feature space" in r.output and not (tmp_path / "run3").exists()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")

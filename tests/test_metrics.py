@@ -96,3 +96,17 @@ def test_cost_reads_the_patch_manifest():
     assert c["fit_wall_s"] == 0.5 and c["fit_peak_memory_mb"] == {"process_peak_rss_mb": 10.0}
     e = eval_cost(3.21, 2.0, 5, 7, [P()])
     assert e["eval_wall_s"] == 3.21 and e["cache_misses"] == 7 and e["peak_rss_mb"] > 0
+
+
+def test_inception_features_fail_early_and_clearly_when_unavailable():
+    from erasekit.errors import InvalidInputError
+    from erasekit.evaluation.metrics.fidelity import check_features
+
+    check_features("judge")
+    with pytest.raises(InvalidInputError, match="unknown FID feature space"):
+        check_features("vgg")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(InvalidInputError, match="torch-fidelity"):
+            check_features("inception")

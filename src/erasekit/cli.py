@@ -212,6 +212,8 @@ def eval_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Run folder for metrics.json and report.html."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
+    fid_features: str = typer.Option("judge", "--fid-features", help="FID/KID feature space: judge (offline) or "
+                                     "inception (torchmetrics' InceptionV3; needs erasekit[fid] and its weights)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
@@ -241,7 +243,8 @@ def eval_cmd(
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
-            result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force)
+            result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force,
+                              fid_features=fid_features)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)

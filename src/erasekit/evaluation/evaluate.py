@@ -19,6 +19,7 @@ from ..errors import InvalidInputError
 from .cache import ImageCache
 from .judges import Judge, get_judge
 from .prompts import PromptSet
+from .metrics.fidelity import check_features
 from .metrics import efficacy, eval_cost, fidelity, generality, harmonic_scores, specificity
 
 
@@ -124,15 +125,18 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
 
 def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], patch: WeightDelta | list[WeightDelta] | None = None,
              seeds: Iterable[int] = range(64), judge: Judge | str | None = None, cache: ImageCache | str | Path | None = None,
-             sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True) -> EvalResult:
+             sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True,
+             fid_features: str = "judge") -> EvalResult:
     """Measure what ``patch`` does to ``concepts`` on ``pipe`` (unpatched vs patched, same seeds).
 
     Metrics per concept, each with a bootstrap 95% interval: efficacy (detection of the target
     on prompts asking for it), generality (on unseen synonyms), specificity on neighbours and on
     unrelated axes (and their drop against the unpatched model), MACE's harmonic score,
-    fidelity to the original (judge-feature distance per seed, FID/KID), and cost.
+    fidelity to the original (judge-feature distance per seed, FID/KID in the judge's features
+    or, with ``fid_features="inception"``, torchmetrics' Inception features), and cost.
     """
     t0 = time.perf_counter()
+    check_features(fid_features)
     specs = make_concepts(concepts)
     seeds = list(seeds)
     if not seeds:
@@ -179,11 +183,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         m.update(specificity({p: {v: sc[p][v][k] for v in both} for p, k in parts.items()}))
         m.update(harmonic_scores(m))
         m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in parts]),
-                          np.concatenate([imgs[p]["patched"] for p in parts])))
+                          np.concatenate([imgs[p]["patched"] for p in parts]), fid_features))
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
                                      {k: list(v.prompts) for k, v in sets.items()}))
     cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
     settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
                 "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": fingerprint,
-                "patch_key": patch_key, "judge": judge.describe(), "bootstrap": {"resamples": 2000, "level": 0.95}}
+                "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features, "bootstrap": {"resamples": 2000, "level": 0.95}}
     return EvalResult(results, settings, cost)
