@@ -401,6 +401,10 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     log(f"final fidelity {final}; synonyms {final_syn}")
     with atomic_dir(out_dir, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for cfg_file in tmp.glob("*/config.json"):  # a reused VAE remembers the scratch folder it came from
+            conf = json.loads(cfg_file.read_text())
+            if conf.pop("_name_or_path", None) is not None:
+                cfg_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         write_tokenizer_files(tmp / "tokenizer")
         (tmp / "erasekit.json").write_text(json.dumps({"world": True, "sampling": SAMPLING_DEFAULTS,
                                                        "image_size": 32}, indent=2) + "\n")
