@@ -26,6 +26,9 @@ class RECEConfig(ClosedFormConfig):
     preserve_scale: float = field(default=0.1, metadata={"help": "s_p of each round"})
     uce_lam: float = field(default=0.5, metadata={"help": "lam of the initial UCE edit"})
     uce_token: str = field(default="last", metadata={"help": "token policy of the initial UCE edit"})
+    adv_on_templates: bool = field(default=False, metadata={
+        "help": "find adversarial embeddings for every template prompt (True) or, as the official code does, "
+                "for the bare concept phrase only (False)"})
 
 
 def adversarial_embeddings(layers: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], c: torch.Tensor,
@@ -55,12 +58,16 @@ class RECE(Method):
         w0 = {n: m.weight.detach().to("cpu", DTYPE) for n, m in layers.items()}
         cur = {n: w0[n] + start.deltas[f"unet.{n}.weight"].to(DTYPE) for n in layers}
         er, an = pairs(concepts, cfg.templates)
+        # the rounds' prompts: the official code attacks the bare concept phrase ("nudity"), whose rows carry
+        # nothing but the concept; template prompts also carry their other words (colours, backgrounds)
+        adv_er, adv_an = (er, an) if cfg.adv_on_templates else pairs(concepts, ("{}",))
         pres = preserve_prompts(concepts, cfg.templates) or [""]
         t = time.perf_counter()
         enc_e, enc_a, enc_p = adapter.encode(er), adapter.encode(an), adapter.encode(pres)
+        enc_ae, enc_aa = (enc_e, enc_a) if cfg.adv_on_templates else (adapter.encode(adv_er), adapter.encode(adv_an))
         timer.mark("encode_text", t)
-        seq_c = enc_e.embeds.cpu().reshape(-1, enc_e.embeds.shape[-1])  # all rows of every concept prompt
-        seq_g = enc_a.embeds.cpu().reshape(-1, enc_a.embeds.shape[-1])
+        seq_c = enc_ae.embeds.cpu().reshape(-1, enc_ae.embeds.shape[-1])  # all rows of every attacked prompt
+        seq_g = enc_aa.embeds.cpu().reshape(-1, enc_aa.embeds.shape[-1])
         seq_p = enc_p.embeds.cpu().reshape(-1, enc_p.embeds.shape[-1])
         t = time.perf_counter()
         history = []
@@ -71,11 +78,13 @@ class RECE(Method):
             m.add_preserve(seq_p)
             new = {n: ridge_solve(cur[n], m, lam=cfg.lam, erase_scale=cfg.erase_scale,
                                   preserve_scale=cfg.preserve_scale) for n in layers}
-            # how much of the original K/V the adversarial rows still recover, before and after the round
-            rec_before = sum(float(((cur[n] - w0[n]) @ adv.T).norm() ** 2) for n in layers)
-            rec_after = sum(float(((new[n] @ adv.T) - (w0[n] @ seq_c.to(DTYPE).T)).norm() ** 2) for n in layers)
-            history.append({"adv_norm": float(adv.norm(dim=-1).mean()), "recovery_gap_before": rec_before,
-                            "recovery_gap_after": rec_after})
+            # relative distance of the adversarial rows' K/V from the concept's original K/V, under the weights
+            # the rows were found for (small: they regenerate the concept) and after this round (large: erased)
+            target = {n: w0[n] @ seq_c.to(DTYPE).T for n in layers}
+            den = sum(float(target[n].norm() ** 2) for n in layers)
+            gap = lambda w: (sum(float((w[n] @ adv.T - target[n]).norm() ** 2) for n in layers) / den) ** 0.5  # noqa: E731
+            history.append({"adv_norm": float(adv.norm(dim=-1).mean()), "recovery_gap_before": gap(cur),
+                            "recovery_gap_after": gap(new)})
             cur = new
         timer.mark("solve", t)
         deltas = {f"unet.{n}.weight": (cur[n] - w0[n]).to(torch.float32) for n in layers}
