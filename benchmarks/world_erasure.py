@@ -73,8 +73,7 @@ def main(family: str | None = None) -> None:
     ap.add_argument("--seeds", default="0-31")
     ap.add_argument("--methods", default=",".join(m for m, c in REGISTRY.items() if family in (None, c.family)))
     ap.add_argument("--axis", default="shape", choices=list(CONCEPTS),
-                    help="world axis whose values are erased one at a time (the issue asks for shapes; the "
-                         "shipped model draws colour and background reliably, shape not yet)")
+                    help="world axis whose values are erased one at a time")
     ap.add_argument("--values", "--shapes", default=None, help="comma-separated values (default: all of the axis)")
     ap.add_argument("--no-multi", action="store_true")
     ap.add_argument("--out", default="bench-out")

@@ -11,7 +11,7 @@ from erasekit.world.vocab import AXES, CONCEPTS, UCE_WORLD, Labels, caption, era
 
 #: (axis, concept) the shipped model draws reliably enough for a 50-point drop to be measurable;
 #: see the model card's fidelity table.
-CASES = [("colour", "red")]  # an object concept; shapes are not yet drawn reliably
+CASES = [("shape", "star"), ("colour", "red")]
 
 
 def prompts_for(axis: str, value: str, n: int, seed: int) -> list[str]:

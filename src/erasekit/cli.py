@@ -254,8 +254,8 @@ def eval_cmd(
 
 @app.command()
 def demo(
-    concept: str = typer.Option("red", "--concept", help="World concept to erase (default: a colour; the shipped "
-                                "model draws colour and background reliably, shape and texture about half the time)."),
+    concept: str = typer.Option("star", "--concept", help="World concept to erase: a shape, colour, texture or "
+                                "background of the embedded world."),
     seeds: str = typer.Option("0-47", "--seeds", help="Seeds per prompt set."),
     output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder (replaced on each run)."),
 ) -> None:
