@@ -195,5 +195,7 @@ def erase_templates(axis: str = "shape") -> tuple[str, ...]:
 
 
 #: UCE settings for the world model: erase every row from the concept on (the world's captions
-#: carry the concept into later tokens) and weigh erasure over the many preserve rows.
-UCE_WORLD: dict[str, object] = {"token": "all", "erase_scale": 10.0}
+#: carry the concept into later tokens) and weigh erasure over the many preserve rows. Measured on
+#: the shipped model, erasing "star" (24 target, 56 other-shape prompts): erase_scale 3 took the
+#: target from 0.96 to 0.04 with no drop on other shapes; 10 took 18 points off other shapes.
+UCE_WORLD: dict[str, object] = {"token": "all", "erase_scale": 3.0}
