@@ -6,7 +6,7 @@ with the prompt, per axis; once with canonical words and once with synonyms. The
 columns are the same classifier on true renders of the same labels (the ceiling the judge
 allows) and chance.
 
-    python benchmarks/world_fidelity.py [--n 512] [--model PATH]
+    python benchmarks/world_fidelity.py [--n 512] [--model PATH] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,11 +35,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="images per prompt set (>= 500 for the quality bar)")
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped world model)")
     ap.add_argument("--seed", type=int, default=2024, help="prompt/seed set (training probes use 1 and 2)")
+    ap.add_argument("--classifier", default=None,
+                    help="judge weights (default: classifier.safetensors beside --model, else the shipped judge)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (figures are the same up to float rounding)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, device="cpu")
-    judge = load_classifier()
+    pipe = load_pipeline(args.model, device=args.device)
+    judge_path = args.classifier
+    if judge_path is None and args.model and (Path(args.model).parent / "classifier.safetensors").is_file():
+        judge_path = Path(args.model).parent / "classifier.safetensors"
+    judge = load_classifier(judge_path).to(args.device)
 
     t0 = time.time()
     canon = fidelity(pipe, judge, args.n, seed=args.seed)
@@ -50,7 +57,7 @@ def main() -> None:
     target = torch.tensor([lab.index() for _, lab in items])
     ceiling = {a: float((probs[a].argmax(-1) == target[:, i]).float().mean()) for i, a in enumerate(AXES)}
 
-    print(f"world fidelity: {args.n} held-out prompts per set, {pipe.erasekit_source}")
+    print(f"world fidelity: {args.n} held-out prompts per set, {pipe.erasekit_source}, judge {judge_path or 'shipped'}")
     print(f"{'axis':<11}{'bar':>6}{'canonical':>11}{'±95%':>7}{'synonyms':>10}{'gap':>7}{'renders':>9}{'chance':>8}  verdict")
     all_ok = True
     for a in AXES:
@@ -60,7 +67,8 @@ def main() -> None:
         half = 1.96 * (canon[a] * (1 - canon[a]) / args.n) ** 0.5  # normal approximation of a binomial
         print(f"{a:<11}{BARS[a]:>6.2f}{canon[a]:>11.3f}{half:>7.3f}{syn[a]:>10.3f}{gap:>+7.3f}{ceiling[a]:>9.3f}"
               f"{1 / len(CONCEPTS[a]):>8.3f}  {'meets bar' if ok else 'BELOW BAR'}")
-    print(f"generation: {args.n / t_gen:.1f} images/s (CPU, {args.threads} threads, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"generation: {args.n / t_gen:.1f} images/s ({where}, "
           f"{SAMPLING_DEFAULTS['num_inference_steps']} steps, guidance {SAMPLING_DEFAULTS['guidance_scale']})")
     print("all bars met" if all_ok else "some bars not met (see verdicts)")
 

@@ -92,3 +92,24 @@ def test_bad_set_override_is_one_line():
         apply_overrides(TrainConfig(), ["nope=1"])
     with pytest.raises(InvalidInputError, match="expected int"):
         apply_overrides(TrainConfig(), ["unet_steps=many"])
+
+
+def test_train_settings_name_their_device_and_reproduce_command(monkeypatch):
+    import torch
+
+    from erasekit.config import apply_overrides
+    from erasekit.errors import ErasekitError
+    from erasekit.world.train import TrainConfig, reproduce_command, resolve_device
+
+    assert reproduce_command(TrainConfig()) == "erasekit world train"
+    cfg = apply_overrides(TrainConfig(seed=3), ["device=cuda", "compile=true", "unet_steps=50"])
+    assert reproduce_command(cfg) == ("erasekit world train --seed 3 --set unet_steps=50 --set compile=true "
+                                      "--set device=cuda")
+    sets = reproduce_command(cfg).split(" --set ")[1:]  # the command's settings rebuild the same config
+    assert apply_overrides(TrainConfig(seed=3), sets) == cfg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ErasekitError, match="no GPU; use --set device=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ErasekitError, match="unknown device 'tpu'"):
+        resolve_device("tpu")

@@ -80,3 +80,14 @@ def test_articles_are_grammatical():
     text = caption({"shape": "circle", "colour": "orange", "texture": None, "background": None},
                    random.Random(0), template=0, synonym_p=0.0)
     assert text == "an orange circle"
+
+
+def test_parallel_rendering_gives_the_same_images():
+    from erasekit.world.render import render_batch
+
+    rng = random.Random(3)
+    labels = [Labels(*(rng.choice(list(CONCEPTS[a])) for a in AXES)) for _ in range(2100)]
+    seeds = list(range(500, 2600))
+    serial = render_batch(labels, seeds)
+    assert np.array_equal(render_batch(labels, seeds, workers=2), serial)
+    assert np.array_equal(serial[7], render(labels[7], seeds[7]))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .render import render
+from .render import render_batch
 from .vocab import AXES, CONCEPTS, Labels
 
 NUM_CLASSES: dict[str, int] = {a: len(CONCEPTS[a]) for a in AXES}
@@ -62,10 +62,11 @@ class ConceptClassifier(nn.Module):
         """Calibrated class probabilities per axis for uint8 HWC or float CHW [-1, 1] images."""
         x = to_input(images)
         self.eval()
+        dev = self.log_temperature.device
         parts: dict[str, list[torch.Tensor]] = {a: [] for a in AXES}
         for i in range(0, len(x), batch_size):
-            for a, z in self(x[i:i + batch_size]).items():
-                parts[a].append(z.softmax(-1))
+            for a, z in self(x[i:i + batch_size].to(dev)).items():
+                parts[a].append(z.softmax(-1).cpu())
         return {a: torch.cat(v) for a, v in parts.items()}
 
 
@@ -96,11 +97,11 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain).clamp(-1.2, 1.2)
 
 
-def render_labeled(n: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+def render_labeled(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, torch.Tensor]:
     """``n`` random renders and their class indices (N, 4)."""
     rng = random.Random(seed)
     labels = [random_labels(rng) for _ in range(n)]
-    imgs = np.stack([render(lab, seed * 1_000_003 + i) for i, lab in enumerate(labels)])
+    imgs = render_batch(labels, [seed * 1_000_003 + i for i in range(n)], workers=workers)
     return imgs, torch.tensor([lab.index() for lab in labels])
 
 
@@ -141,22 +142,27 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def train_classifier(steps: int = 1200, batch_size: int = 64, seed: int = 0, n_train: int = 16000,
-                     n_calib: int = 2000, log=print) -> tuple[ConceptClassifier, ClassifierReport]:
-    """Train and calibrate the judge from renders; returns the model and held-out figures."""
+                     n_calib: int = 2000, log=print, device: str = "cpu",
+                     workers: int = 1) -> tuple[ConceptClassifier, ClassifierReport]:
+    """Train and calibrate the judge from renders; returns the model and held-out figures.
+
+    Random draws (batches, augmentation) come from CPU generators on every device, so a GPU run
+    sees the same batches as a CPU run of the same seed."""
     t0 = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    imgs, y = render_labeled(n_train, seed=seed + 1)
+    imgs, y = render_labeled(n_train, seed=seed + 1, workers=workers)
     x_all = to_input(imgs)
-    model = ConceptClassifier()
+    model = ConceptClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.15)
     model.train()
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
-        x = augment(x_all[idx].clone(), gen)
+        x = augment(x_all[idx].clone(), gen).to(device)
         out = model(x, calibrated=False)
-        loss = sum(F.cross_entropy(out[a], y[idx, i]) for i, a in enumerate(AXES))
+        yb = y[idx].to(device)
+        loss = sum(F.cross_entropy(out[a], yb[:, i]) for i, a in enumerate(AXES))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -168,7 +174,7 @@ def train_classifier(steps: int = 1200, batch_size: int = 64, seed: int = 0, n_t
     cimgs, cy = render_labeled(n_calib, seed=seed + 2)
     cx = augment(to_input(cimgs), torch.Generator().manual_seed(seed + 3))
     with torch.no_grad():
-        logits = model(cx, calibrated=False)
+        logits = {a: z.cpu() for a, z in model(cx.to(device), calibrated=False).items()}
     temps = {}
     for i, a in enumerate(AXES):
         temps[a] = fit_temperature(logits[a], cy[:, i])
@@ -201,7 +207,7 @@ def save_classifier(model: ConceptClassifier, path: str | Path) -> None:
     from ..io import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"format": "pt", "arch": "erasekit.ConceptClassifier", "width": "32"})
 
 

@@ -141,6 +141,24 @@ def render(labels: Labels, seed: int, size: int = 32, supersample: int = 3) -> n
     return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def render_batch(labels: list[Labels], seeds: list[int], size: int = 32) -> np.ndarray:
-    """Render many images: uint8 array (N, size, size, 3)."""
+def _render_chunk(args: tuple[list[Labels], list[int], int]) -> np.ndarray:
+    labels, seeds, size = args
     return np.stack([render(lab, s, size) for lab, s in zip(labels, seeds)])
+
+
+def render_batch(labels: list[Labels], seeds: list[int], size: int = 32, workers: int = 1) -> np.ndarray:
+    """Render many images: uint8 array (N, size, size, 3). Each image depends only on its own
+    (labels, seed), so ``workers`` > 1 processes give the same array, faster."""
+    import multiprocessing as mp
+
+    labels, seeds = list(labels), list(seeds)
+    # fork (not spawn): spawn re-runs the caller's script, which a library cannot ask to be guarded;
+    # the children only run numpy, so forking after torch (or CUDA) set up is safe
+    if workers <= 1 or len(labels) < 2000 or "fork" not in mp.get_all_start_methods():
+        return _render_chunk((labels, seeds, size))
+    from concurrent.futures import ProcessPoolExecutor
+
+    step = -(-len(labels) // (4 * workers))
+    chunks = [(labels[i:i + step], seeds[i:i + step], size) for i in range(0, len(labels), step)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        return np.concatenate(list(ex.map(_render_chunk, chunks)))
