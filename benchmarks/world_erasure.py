@@ -35,6 +35,25 @@ MULTI = {"shape": [("star", "heart"), ("circle", "square", "triangle")],
 WORLD_SETTINGS = {"uce": UCE_WORLD}
 
 
+def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
+    """Per method: the world settings, then ``method.key=value`` overrides, typed by its config."""
+    from erasekit.config import apply_overrides
+
+    out = {}
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(REGISTRY)}")
+        mine = [s.split(".", 1)[1] for s in sets if s.split(".", 1)[0] == m]
+        base = dict(WORLD_SETTINGS.get(m, {}))
+        cfg = apply_overrides(REGISTRY[m].Config(**base), mine)
+        keys = set(base) | {s.split("=", 1)[0] for s in mine}
+        out[m] = {k: getattr(cfg, k) for k in keys}
+    unknown = [s for s in sets if s.split(".", 1)[0] not in out]
+    if unknown:
+        raise SystemExit(f"--set {unknown[0]}: name one of the benchmarked methods ({', '.join(out)}) before the dot")
+    return out
+
+
 def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
     ms = [c.metrics for c in res.concepts]
     avg = lambda k: sum(m[k]["value"] for m in ms) / len(ms)  # noqa: E731
@@ -78,7 +97,10 @@ def main(family: str | None = None) -> None:
     ap.add_argument("--no-multi", action="store_true")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None, help="image cache folder (default: ~/.cache/erasekit)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="override one method's setting, e.g. --set rece.adv_rows=words (repeatable)")
     args = ap.parse_args()
+    settings = method_settings(args.methods.split(","), args.sets)
     torch.set_num_threads(2)
     seeds = parse_seeds(args.seeds)
     pipe = erasekit.load_pipeline(device="cpu")
@@ -89,6 +111,7 @@ def main(family: str | None = None) -> None:
     rows = []
     t0 = time.time()
     print(f"world erasure benchmark ({args.axis}): {len(seeds)} seeds per prompt set; efficacy/generality lower is better")
+    print("settings beyond each method's defaults: " + (", ".join(f"{m} {v}" for m, v in settings.items() if v) or "none"))
     hdr = (f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}"
            f"{'unrel0':>7}{'H':>7}{'fit s':>7}")
     print(hdr)
@@ -100,7 +123,7 @@ def main(family: str | None = None) -> None:
         for method in args.methods.split(","):
             specs = [ConceptSpec(c, preserve=tuple(o for o in values if o not in concepts)) for c in concepts]
             patch = erasekit.erase(pipe, specs, method=method, templates=erase_templates(args.axis),
-                                   **WORLD_SETTINGS.get(method, {}))
+                                   **settings[method])
             res = evaluate(pipe, specs, patch=patch, seeds=seeds, cache=cache)
             r = row(method, concepts, res, patch.manifest["wall_time_s"])
             rows.append(r)
