@@ -26,6 +26,7 @@ class RECEConfig(ClosedFormConfig):
     preserve_scale: float = field(default=0.1, metadata={"help": "s_p of each round"})
     uce_lam: float = field(default=0.5, metadata={"help": "lam of the initial UCE edit"})
     uce_token: str = field(default="last", metadata={"help": "token policy of the initial UCE edit"})
+    uce_erase_scale: float = field(default=1.0, metadata={"help": "erase_scale of the initial UCE edit"})
     adv_on_templates: bool = field(default=False, metadata={
         "help": "find adversarial embeddings for every template prompt (True) or, as the official code does, "
                 "for the bare concept phrase only (False)"})
@@ -52,7 +53,8 @@ class RECE(Method):
     def fit(self, adapter: SDAdapter, concepts: list[ConceptSpec]) -> WeightDelta:
         cfg = self.config
         timer = Timer()
-        uce = UCE(UCEConfig(edit=cfg.edit, templates=cfg.templates, lam=cfg.uce_lam, token=cfg.uce_token))
+        uce = UCE(UCEConfig(edit=cfg.edit, templates=cfg.templates, lam=cfg.uce_lam, token=cfg.uce_token,
+                             erase_scale=cfg.uce_erase_scale))
         start = uce.fit(adapter, concepts)
         layers = select_layers(adapter, cfg.edit)
         w0 = {n: m.weight.detach().to("cpu", DTYPE) for n, m in layers.items()}
