@@ -36,15 +36,17 @@ def test_model_card_and_record_exist():
 def test_small_fidelity_check(world_pipe, classifier):
     """32 held-out prompts: fails if the weights are broken, random or swapped.
 
-    The shipped model follows a prompt's background and colour (1.00 in the closing check), its
-    shape (0.84 on 512 prompts) and texture (0.78; see the model card): the thresholds test what it has learned,
-    with room for 32-image noise (chance is 0.125 for shape and colour, 0.25 for texture).
+    The shipped model follows a prompt's shape 0.99, colour 1.00, texture 0.99 and background 1.00
+    of the time on 512 prompts (benchmarks/world_fidelity.py); here 0.97/1.00/0.97/1.00. The bars
+    are the issue's minus room for 32-image noise (three images on shape and texture); the earlier
+    5729-step model (shape 0.84 on 512 prompts) scores 0.875 on shape here and fails. Chance is
+    0.125 for shape and colour, 0.25 for texture.
     """
     acc = fidelity(world_pipe, classifier, n=32, seed=31)
     assert acc["background"] >= 0.9, acc
     assert acc["colour"] >= 0.9, acc
-    assert acc["shape"] >= 0.7, acc
-    assert acc["texture"] >= 0.55, acc
+    assert acc["shape"] >= 0.88, acc
+    assert acc["texture"] >= 0.85, acc
 
 
 def test_the_fidelity_check_fails_on_an_untrained_unet(world_pipe, classifier):
