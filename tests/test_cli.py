@@ -113,3 +113,9 @@ def test_train_settings_name_their_device_and_reproduce_command(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ErasekitError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+def test_world_train_refuses_a_missing_output_directory_before_training(tmp_path):
+    msg = _one_line_error(run("world", "train", "-o", str(tmp_path / "missing" / "wm")))
+    assert "does not exist" in msg
+    assert list(tmp_path.iterdir()) == []

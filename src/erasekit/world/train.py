@@ -251,6 +251,10 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     classifier_out = Path(classifier_out) if classifier_out else out_dir.parent / "classifier.safetensors"
+    from ..io import check_parent
+
+    check_parent(out_dir)  # fail now, not after hours of training
+    check_parent(classifier_out)
 
     # 1. the judge
     t0 = time.time()
