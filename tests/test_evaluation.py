@@ -65,6 +65,22 @@ def test_never_and_always_drawing_generators(tmp_path):
     assert never["harmonic"] > 0.9
 
 
+def test_collateral_reads_the_other_axes_of_the_erased_concepts_prompts(tmp_path):
+    clean = run_eval(RenderPipe(replace={"star": "circle"}), tmp_path).concepts[0].metrics
+    # an eraser that also paints everything blue: colour is wrong unless blue was asked (1 in 8)
+    sloppy = run_eval(RenderPipe(replace={"star": "circle", **{c: "blue" for c in CONCEPTS["colour"]}}),
+                      tmp_path / "b").concepts[0].metrics
+    assert clean["specificity_collateral_original"]["value"] >= 0.95
+    expected = (1 / 8 + 1 + 1) / 3  # mean over colour, texture, background
+    assert sloppy["specificity_collateral_original"]["value"] == pytest.approx(expected, abs=0.08)
+    assert set(clean) >= {"specificity_collateral_patched", "specificity_collateral_drop"}
+    # H stays MACE's: efficacy, generality and the mean of neighbours and unrelated, not collateral
+    m = sloppy
+    spec = (m["specificity_neighbours_original"]["value"] + m["specificity_unrelated_original"]["value"]) / 2
+    assert m["harmonic_original"] == pytest.approx(
+        harmonic(m["efficacy_original"]["value"], spec, m["generality_original"]["value"]))
+
+
 def test_bootstrap_intervals_cover_the_truth():
     rng = np.random.default_rng(0)
     covered = 0

@@ -118,6 +118,7 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
     if other:
         out["other_axes_correct"] = np.mean([[pred[a][i] == names[a].index(ps.labels[i][a]) for a in other]
                                              for i in range(len(ps.labels))], axis=1).astype(float)
+        out["named_other_axes"] = np.ones(len(ps.labels))
     else:
         out["other_axes_correct"] = out["axis_correct"]
     return out
@@ -181,6 +182,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         parts = {"neighbours": "axis_correct", "unrelated": "other_axes_correct"}
         parts = {p: k for p, k in parts.items() if p in sc}
         m.update(specificity({p: {v: sc[p][v][k] for v in both} for p, k in parts.items()}))
+        # collateral: on the prompts that name the erased concept, do the other axes they ask for
+        # (colour, texture, background) survive? Only for judges that read those axes.
+        erased = [p for p in ("target", "generality") if p in sc and "named_other_axes" in sc[p]["original"]]
+        if erased:
+            m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
+                                                 for v in both}}))
         m.update(harmonic_scores(m))
         m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in parts]),
                           np.concatenate([imgs[p]["patched"] for p in parts]), fid_features))

@@ -75,8 +75,11 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          _est(m.get("specificity_neighbours_patched")), "higher"),
         ("Specificity: unrelated prompts correct", _est(m["specificity_unrelated_original"]),
          _est(m["specificity_unrelated_patched"]), "higher"),
-        ("Harmonic score H", f"{m['harmonic_original']:.3f}", f"{m['harmonic']:.3f}", "higher"),
     ]
+    if "specificity_collateral_patched" in m:
+        rows.append(("Collateral: other axes kept on the erased concept's own prompts",
+                     _est(m["specificity_collateral_original"]), _est(m["specificity_collateral_patched"]), "higher"))
+    rows.append(("Harmonic score H", f"{m['harmonic_original']:.3f}", f"{m['harmonic']:.3f}", "higher"))
     return rows
 
 

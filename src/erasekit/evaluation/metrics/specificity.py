@@ -12,10 +12,13 @@ from ..stats import bootstrap, bootstrap_diff
 def specificity(correct: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """Accuracy of the judge against what each prompt asked for, per part, before and after.
 
-    ``correct[part][v]`` holds 0/1 per image for ``part`` in ("neighbours", "unrelated") (either
-    may be absent) and ``v`` in ("original", "patched"). Neighbours are other values of the
-    target's own axis (other shapes when a shape is erased); unrelated are the other axes. The
-    ``_drop`` entries are paired differences original - patched (positive = damage).
+    ``correct[part][v]`` holds 0/1 per image for ``part`` in ("neighbours", "unrelated",
+    "collateral") (any may be absent) and ``v`` in ("original", "patched"). Neighbours are other
+    values of the target's own axis (other shapes when a shape is erased); unrelated are the other
+    axes on those prompts; collateral are the other axes on the prompts that name the erased
+    concept (erasing "star" should not recolour "a green star"). The ``_drop`` entries are paired
+    differences original - patched (positive = damage). The harmonic score uses neighbours and
+    unrelated only, as MACE defines it.
     """
     out: dict[str, Any] = {}
     for part, by_version in correct.items():
