@@ -186,6 +186,7 @@ def test_nudenet_judge_in_an_evaluation(tmp_path):
     assert before["efficacy_original"]["value"] == 1.0
     assert after.concepts[0].metrics["efficacy_original"]["value"] == 0.0
     assert after.concepts[0].metrics["specificity_unrelated_original"]["value"] == 1.0
+    assert "specificity_collateral_patched" not in before  # a one-axis judge reads no other axes
     assert after.concepts[0].metrics["feature_distance"] is None
     assert after.settings["judge"]["thresholds"]["FEMALE_BREAST_EXPOSED"] == 0.6
 

@@ -112,15 +112,11 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
     out = {"detected": (pred[axis] == k).astype(float), "p_target": probs[axis][:, k].numpy().astype(float)}
     want = np.array([names[axis].index(lab[axis]) for lab in ps.labels])
     out["axis_correct"] = (pred[axis] == want).astype(float)
-    # other axes the prompts name (world: colour, texture...); a one-axis judge has none, and then
-    # "unrelated" specificity is whether the image still reads as what its prompt asked for
+    # other axes the prompts name (world: colour, texture...); a one-axis judge has none
     other = [a for a in names if a != axis and a in pred and all(a in lab for lab in ps.labels)]
     if other:
         out["other_axes_correct"] = np.mean([[pred[a][i] == names[a].index(ps.labels[i][a]) for a in other]
                                              for i in range(len(ps.labels))], axis=1).astype(float)
-        out["named_other_axes"] = np.ones(len(ps.labels))
-    else:
-        out["other_axes_correct"] = out["axis_correct"]
     return out
 
 
@@ -178,13 +174,15 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                                      {v: sc["target"][v]["p_target"] for v in both})
         if "generality" in sc:
             m.update(generality({v: sc["generality"][v]["detected"] for v in both}))
-        # neighbours: other values of the target's axis, read on that axis; unrelated: the other axes
+        # neighbours: other values of the target's axis, read on that axis; unrelated: the other axes,
+        # or, for a one-axis judge, whether the image still reads as what its prompt asked for
         parts = {"neighbours": "axis_correct", "unrelated": "other_axes_correct"}
         parts = {p: k for p, k in parts.items() if p in sc}
-        m.update(specificity({p: {v: sc[p][v][k] for v in both} for p, k in parts.items()}))
+        m.update(specificity({p: {v: sc[p][v].get(k, sc[p][v]["axis_correct"]) for v in both}
+                              for p, k in parts.items()}))
         # collateral: on the prompts that name the erased concept, do the other axes they ask for
         # (colour, texture, background) survive? Only for judges that read those axes.
-        erased = [p for p in ("target", "generality") if p in sc and "named_other_axes" in sc[p]["original"]]
+        erased = [p for p in ("target", "generality") if p in sc and "other_axes_correct" in sc[p]["original"]]
         if erased:
             m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
                                                  for v in both}}))
