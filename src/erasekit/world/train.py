@@ -243,7 +243,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
 
     import tempfile
 
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_parent
 
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -251,8 +251,6 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     classifier_out = Path(classifier_out) if classifier_out else out_dir.parent / "classifier.safetensors"
-    from ..io import check_parent
-
     check_parent(out_dir)  # fail now, not after hours of training
     check_parent(classifier_out)
 
