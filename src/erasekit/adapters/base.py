@@ -1,13 +1,27 @@
-"""The adapter protocol: the only code that knows a model family's internals."""
+"""The adapter protocol: the only code that knows a model family's internals.
+
+Methods, evaluation and attacks ask an adapter for modules by *role*, never by a family's
+module paths, and families register themselves with a predicate on the pipeline.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+from ..errors import InvalidInputError
+
+#: module roles an adapter serves (``Adapter.modules(role)``)
+ROLES: dict[str, str] = {
+    "cross_attn_kv": "key/value projections of the UNet's cross-attention (they read the text embeddings)",
+    "cross_attn": "every linear layer of the UNet's cross-attention blocks (query, key, value, output)",
+    "unet_no_cross_attn": "every linear and convolution layer of the UNet outside cross-attention",
+    "text_encoder": "every linear layer and the token embedding of the text encoder(s)",
+}
 
 
 @dataclass
@@ -34,6 +48,20 @@ class Encoded:
         start = int((self.lengths[i] - 2).clamp(min=0))
         return self.embeds[i, start:]
 
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def index(self, idx: torch.Tensor | list[int]) -> "Encoded":
+        """The rows ``idx`` of the batch (repeats allowed)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Encoded(self.embeds[idx.to(self.embeds.device)], self.lengths[idx.to(self.lengths.device)],
+                       None if self.pooled is None else self.pooled[idx.to(self.pooled.device)])
+
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])  # type: ignore[misc]
+        return Encoded(torch.cat([p.embeds for p in parts]), torch.cat([p.lengths for p in parts]), pooled)
+
 
 @runtime_checkable
 class Adapter(Protocol):
@@ -42,8 +70,8 @@ class Adapter(Protocol):
     family: ClassVar[str]
     pipe: Any
 
-    def kv_modules(self) -> dict[str, torch.nn.Linear]:
-        """Cross-attention key/value projections that read text embeddings, by module name."""
+    def modules(self, role: str) -> dict[str, torch.nn.Module]:
+        """Modules serving ``role`` (see :data:`ROLES`), by full name (``component.module.path``)."""
 
     def encode(self, prompts: list[str]) -> Encoded:
         """Encode prompts exactly as the pipeline does for generation."""
@@ -52,6 +80,52 @@ class Adapter(Protocol):
         """Stable hash of the base model (config + the weights methods read)."""
 
 
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise InvalidInputError(f"unknown module role {role!r}; known: {', '.join(ROLES)}")
+
+
+# ---------------------------------------------------------------------- family registry
+_FAMILIES: list[tuple[str, Callable[[Any], bool], type]] = []
+
+
+def register_family(name: str, predicate: Callable[[Any], bool], cls: type) -> None:
+    """Register an adapter class for pipelines that ``predicate`` claims; the first claim wins,
+    so register more specific families first. A duplicate name raises."""
+    if any(n == name for n, _, _ in _FAMILIES):
+        raise RuntimeError(f"two adapter families are registered as {name!r}")
+    _FAMILIES.append((name, predicate, cls))
+
+
+def families() -> list[str]:
+    return [n for n, _, _ in _FAMILIES]
+
+
+def family_of(pipe: Any) -> str:
+    """Name of the adapter family that serves ``pipe``; one line naming the supported ones otherwise."""
+    for name, pred, _ in _FAMILIES:
+        try:
+            if pred(pipe):
+                return name
+        except Exception:  # noqa: BLE001 - a predicate that cannot read the object does not claim it
+            continue
+    raise InvalidInputError(f"{type(pipe).__name__} is not a supported pipeline; erasekit serves "
+                            f"{', '.join(_family_help(n) for n in families())} text-to-image pipelines")
+
+
+def _family_help(name: str) -> str:
+    return {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}.get(name, name)
+
+
+def get_adapter(pipe: Any) -> Any:
+    """The adapter for ``pipe`` (an adapter passes through unchanged)."""
+    if hasattr(pipe, "pipe") and hasattr(pipe, "family") and hasattr(pipe, "modules"):
+        return pipe
+    name = family_of(pipe)
+    return next(cls for n, _, cls in _FAMILIES if n == name)(pipe)
+
+
+# ---------------------------------------------------------------------- digests
 def weights_digest(h: "hashlib._Hash", tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t = t.detach().to("cpu", torch.float32).contiguous()

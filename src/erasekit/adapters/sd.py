@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import Encoded, config_digest, weights_digest
+from .base import Encoded, check_role, config_digest, weights_digest
 
 FINGERPRINT_ATTR = "_erasekit_base_fingerprint"
 
@@ -24,12 +24,33 @@ class SDAdapter:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
+    def modules(self, role: str) -> dict[str, torch.nn.Module]:
+        """Modules serving ``role`` by full name (``unet.down_blocks...attn2.to_k``); see ``ROLES``."""
+        check_role(role)
+        if role == "text_encoder":
+            return {f"{comp}.{n}": m for comp, te in self.text_encoder_components().items()
+                    for n, m in te.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+        out: dict[str, torch.nn.Module] = {}
+        for n, m in self.pipe.unet.named_modules():
+            cross = ".attn2." in f".{n}."
+            if role == "cross_attn_kv" and cross and n.endswith(("to_k", "to_v")) and isinstance(m, torch.nn.Linear):
+                out[f"unet.{n}"] = m
+            elif role == "cross_attn" and cross and isinstance(m, torch.nn.Linear):
+                out[f"unet.{n}"] = m
+            elif role == "unet_no_cross_attn" and not cross and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                out[f"unet.{n}"] = m
+        return out
+
     def kv_modules(self) -> dict[str, torch.nn.Linear]:
-        return {n: m for n, m in self.pipe.unet.named_modules()
-                if "attn2" in n and (n.endswith("to_k") or n.endswith("to_v")) and isinstance(m, torch.nn.Linear)}
+        """Cross-attention K/V projections by UNet-relative name (kept for callers of 0.1)."""
+        return {n.removeprefix("unet."): m for n, m in self.modules("cross_attn_kv").items()}  # type: ignore[misc]
+
+    def text_encoder_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name."""
+        return {"text_encoder": self.pipe.text_encoder}
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.pipe.text_encoder]
+        return list(self.text_encoder_components().values())
 
     def _lengths(self, prompts: list[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer

@@ -15,8 +15,9 @@ class SDXLAdapter(SDAdapter):
 
     family: ClassVar[str] = "sdxl"
 
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [te for te in (self.pipe.text_encoder, self.pipe.text_encoder_2) if te is not None]
+    def text_encoder_components(self) -> dict[str, torch.nn.Module]:
+        return {n: te for n in ("text_encoder", "text_encoder_2")
+                if (te := getattr(self.pipe, n, None)) is not None}
 
     def _lengths(self, prompts: list[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer_2 if self.pipe.tokenizer is None else self.pipe.tokenizer
