@@ -16,9 +16,12 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, batch_size: int = 16) -> list[Image.Image]:
-    """Generate ``n`` images of ``prompt``; image i uses seed ``seed + i`` (reproducible per image)."""
+    """Generate ``n`` images of ``prompt``; image i uses seed ``seed + i`` (reproducible per image).
+
+    Generation runs erasekit's sampling loop, so ``hook`` edits applied to ``pipe`` take effect."""
     import torch
 
+    from .adapters import get_adapter
     from .models import sampling_defaults
 
     if not prompt or not prompt.strip():
@@ -30,12 +33,12 @@ def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: 
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if steps < 1:
         raise InvalidInputError(f"steps must be at least 1 (got {steps})")
+    adapter = get_adapter(pipe)
     images: list[Image.Image] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
-        out = pipe([prompt] * count, generator=gens, num_inference_steps=steps, guidance_scale=guidance)
-        images.extend(out.images)
+        images.extend(adapter.sample([prompt] * count, gens, steps, guidance, output_type="pil"))
     return images
 
 
