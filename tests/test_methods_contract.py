@@ -1,23 +1,31 @@
-"""Every registered method through the same contract, on tiny random SD1.x and SDXL pipelines."""
+"""The contract table: every registered method and every edit kind, on tiny random SD1.x and SDXL
+pipelines, through the same steps (fit where it applies, save -> load bit-exact, apply -> revert
+exact, export). Tiny pipelines prove that code paths run; erasure quality is tested on the world."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import erasekit
 from erasekit.adapters import get_adapter
-from erasekit.edits import load_patch
+from erasekit.edits import PatchError, load_edit
 from erasekit.methods import REGISTRY, describe, get_method
 from erasekit.methods.base import config_dict, config_from_dict
 from tiny import tiny_sd, tiny_sdxl
 
 FAMILIES = {"sd": tiny_sd, "sdxl": tiny_sdxl}
 
+# (case id, method, overrides, edit kind): every registered method once, plus the LoRA kind as
+# UCE's delta factorised to rank 4 (the target's rows make the delta rank <= 4 here, so it is exact)
+CASES = [(n, n, {}, get_method(n).edit_kind) for n in REGISTRY] + [("uce-lora", "uce", {"lora_rank": 4}, "lora")]
+
 # Largest allowed ratio of preserved-prompt change to target change (last subject token rows).
 # RECE erases whole adversarial sequences with a weak preserve term (s_p = 0.1, as published), and
 # RealEra deliberately erases a cone of neighbours around the target: both move more.
 PRESERVE_TOLERANCE = {"uce": 0.1, "speed": 0.1, "mace": 0.1, "realera": 0.35, "rece": 0.75}
+SPEC = erasekit.ConceptSpec("star", preserve=("circle", "heart"))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -25,12 +33,23 @@ def pipe(request, tmp_path_factory):
     return FAMILIES[request.param](tmp_path_factory.mktemp("tok"))
 
 
+def state(pipe):
+    """Every weight generation reads, cloned."""
+    return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder", "text_encoder_2", "vae")
+            if getattr(pipe, c, None) is not None for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def same_state(pipe, before):
+    now = state(pipe)
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+
+
 def kv_outputs(pipe, prompts, last=False):
     """Cross-attention K/V outputs of every layer for the prompts' full sequences (or last subject token)."""
     ad = get_adapter(pipe)
     enc = ad.encode(prompts)
     x = enc.last_subject() if last else enc.embeds
-    return {n: m(x).detach().clone() for n, m in ad.kv_modules().items()}
+    return {n: m(x).detach().clone() for n, m in ad.modules("cross_attn_kv").items()}
 
 
 def rel_change(a, b):
@@ -39,48 +58,82 @@ def rel_change(a, b):
     return (num / den) ** 0.5
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
-def test_method_contract(pipe, name, tmp_path):
-    params_before = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    targets = ["star", "a photo of a star"]
-    keeps = ["circle", "a photo of a heart"]
-    t0, k0 = kv_outputs(pipe, targets), kv_outputs(pipe, keeps, last=True)
-    tl0 = kv_outputs(pipe, targets, last=True)
+def images(pipe, prompts=("a photo of a star",)):
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return get_adapter(pipe).sample(list(prompts), gens, num_inference_steps=2, guidance_scale=5.0)
 
-    patch = erasekit.erase(pipe, erasekit.ConceptSpec("star", preserve=("circle", "heart")), method=name)
-    # fitting leaves the pipeline untouched
-    assert all(torch.equal(v, params_before[k]) for k, v in pipe.unet.state_dict().items())
-    assert patch.deltas and all(k.startswith("unet.") and ".attn2.to_" in k for k in patch.deltas)
-    assert all(torch.isfinite(d).all() for d in patch.deltas.values())
 
-    with patch.scoped(pipe):
-        t1, k1 = kv_outputs(pipe, targets), kv_outputs(pipe, keeps, last=True)
-        tl1 = kv_outputs(pipe, targets, last=True)
+#: the export path is the same for every method of a kind: it is exercised once per kind
+EXPORTED = {"uce", "uce-lora", "negative-prompt"}
+
+
+@pytest.mark.parametrize("case, name, overrides, kind", CASES, ids=[c[0] for c in CASES])
+def test_edit_contract(pipe, case, name, overrides, kind, tmp_path):
+    before = state(pipe)
+    edit = erasekit.erase(pipe, SPEC, method=name, **overrides)
+    assert edit.kind == kind and edit.method == name
+    assert same_state(pipe, before), "fitting must leave the pipeline untouched"
+
+    # save -> load is bit-exact: same kind, tensors, digest, config
+    edit.save(tmp_path / "e")
+    loaded = load_edit(tmp_path / "e")
+    assert type(loaded) is type(edit) and loaded.digest == edit.digest
+    assert loaded.tensors().keys() == edit.tensors().keys()
+    assert all(torch.equal(loaded.tensors()[k], edit.tensors()[k]) for k in edit.tensors())
+    assert loaded.manifest["config"] == config_dict(config_from_dict(get_method(name).Config, edit.manifest["config"]))
+
+    # apply changes what the kind changes; revert restores the pipeline exactly
+    base_images = images(pipe)
+    with loaded.scoped(pipe):
+        changed_images = images(pipe)
+        weights_changed = not same_state(pipe, before)
+    assert same_state(pipe, before)
+    assert weights_changed == (kind != "hook")
+    assert np.abs(changed_images - base_images).max() > 1e-4, "the edit changes nothing the sampler draws"
+    assert np.array_equal(images(pipe), base_images)
+
+    # export: weights and LoRA merge into a pipeline; a hook is refused in one line
+    if case not in EXPORTED:
+        return
+    if kind == "hook":
+        with pytest.raises(PatchError, match="hook.*cannot be exported"):
+            erasekit.export_pipeline(pipe, [loaded], tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    else:
+        erasekit.export_pipeline(pipe, [loaded], tmp_path / "x")
+        merged = type(pipe).from_pretrained(tmp_path / "x")
+        for pname, delta in loaded.merged_deltas().items():
+            comp, _, rest = pname.partition(".")
+            want = getattr(pipe, comp).get_parameter(rest) + delta
+            assert torch.allclose(getattr(merged, comp).get_parameter(rest), want, atol=1e-6), pname
+        assert same_state(pipe, before)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if get_method(n).edit_kind == "weight_delta"])
+def test_weight_methods_move_the_target_and_hold_preserved_prompts(pipe, name):
+    targets, keeps = ["star", "a photo of a star"], ["circle", "a photo of a heart"]
+    t0, k0, tl0 = kv_outputs(pipe, targets), kv_outputs(pipe, keeps, last=True), kv_outputs(pipe, targets, last=True)
+    edit = erasekit.erase(pipe, SPEC, method=name)
+    assert edit.deltas and all(k.startswith("unet.") and ".attn2.to_" in k for k in edit.deltas)
+    assert all(torch.isfinite(d).all() for d in edit.deltas.values())
+    with edit.scoped(pipe):
+        t1, k1, tl1 = kv_outputs(pipe, targets), kv_outputs(pipe, keeps, last=True), kv_outputs(pipe, targets, last=True)
     assert rel_change(t1, t0) > 1e-3
     target_change, keep_change = rel_change(tl1, tl0), rel_change(k1, k0)
     assert target_change > 0.05, target_change
     assert keep_change < PRESERVE_TOLERANCE[name] * target_change, (keep_change, target_change)
-    # scoped reverted exactly
-    assert all(torch.equal(v, params_before[k]) for k, v in pipe.unet.state_dict().items())
-
-    # save -> load is bit-exact, and so is the manifest
-    patch.save(tmp_path / "p")
-    loaded = load_patch(tmp_path / "p")
-    assert set(loaded.deltas) == set(patch.deltas)
-    assert all(torch.equal(loaded.deltas[k], patch.deltas[k]) for k in patch.deltas)
-    assert loaded.manifest["method"] == name and loaded.manifest["config"] == config_dict(patch_config(patch))
-    assert loaded.digest == patch.digest
-
-    # apply -> revert restores the original weights exactly
-    loaded.apply(pipe)
-    assert any(not torch.equal(v, params_before[k]) for k, v in pipe.unet.state_dict().items())
-    loaded.revert(pipe)
-    assert all(torch.equal(v, params_before[k]) for k, v in pipe.unet.state_dict().items())
 
 
-def patch_config(patch):
-    cls = get_method(patch.manifest["method"])
-    return config_from_dict(cls.Config, patch.manifest["config"])
+def test_lora_factorisation_is_exact_at_the_edits_rank_and_truncates_below_it(pipe):
+    full = erasekit.erase(pipe, SPEC, method="uce")
+    lora = erasekit.erase(pipe, SPEC, method="uce", lora_rank=4)
+    err = lora.manifest["lora_relative_error"]
+    assert max(err.values()) < 1e-5, err  # one erase row + the preserve rows' ridge: rank <= 3 here
+    for pname, d in lora.merged_deltas().items():
+        assert torch.allclose(d, full.deltas[pname], atol=1e-6 * float(full.deltas[pname].abs().max()) + 1e-9)
+    rank1 = erasekit.erase(pipe, SPEC, method="uce", lora_rank=1)
+    assert rank1.rank == 1 and all(a.shape[0] == 1 for a in rank1.down.values())
+    assert all(0 <= v < 1 for v in rank1.manifest["lora_relative_error"].values())
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -93,16 +146,17 @@ def test_config_round_trips_through_json(name):
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_multiple_concepts_at_once(pipe, name):
-    patch = erasekit.erase(pipe, ["star", "heart", "moon"], method=name, preserve="circle")
-    assert [c["target"] for c in patch.manifest["concepts"]] == ["star", "heart", "moon"]
-    assert patch.deltas
+    edit = erasekit.erase(pipe, ["star", "heart", "moon"], method=name, preserve="circle")
+    assert [c["target"] for c in edit.manifest["concepts"]] == ["star", "heart", "moon"]
+    assert edit.tensors() or edit.kind == "hook"
 
 
-def test_registry_lists_every_method_with_description_and_fields():
+def test_registry_lists_every_method_with_description_kind_and_fields():
     rows = describe()
-    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera"}
+    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt"}
     for r in rows:
         assert r["description"] and r["config"] and all(f["help"] for f in r["config"])
+        assert r["edit_kind"] in ("weight_delta", "lora", "hook")
 
 
 def test_two_patches_compose_in_order(pipe):
@@ -119,3 +173,71 @@ def test_two_patches_compose_in_order(pipe):
     b.revert(pipe)
     a.revert(pipe)
     assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_mixed_stack_weight_delta_under_hook_under_weight_delta(pipe, tmp_path):
+    """A weight delta, a hook edit on top of it, another weight delta on top of both: each layer
+    acts, they revert in reverse order only, and the pipeline comes back bit for bit."""
+    before = state(pipe)
+    a = erasekit.erase(pipe, "star", method="uce")
+    hook = erasekit.erase(pipe, "heart", method="negative-prompt")
+    b = erasekit.erase(pipe, "moon", method="uce", lora_rank=2)
+    base = images(pipe)
+    a.apply(pipe)
+    only_a = images(pipe)
+    hook.apply(pipe)
+    a_hook = images(pipe)
+    b.apply(pipe)
+    all_three = images(pipe)
+    assert len({only_a.tobytes(), a_hook.tobytes(), all_three.tobytes(), base.tobytes()}) == 4
+    for wrong in (a, hook):
+        with pytest.raises(PatchError, match="reverse order"):
+            wrong.revert(pipe)
+    b.revert(pipe)
+    assert np.array_equal(images(pipe), a_hook)
+    hook.revert(pipe)
+    assert np.array_equal(images(pipe), only_a)
+    a.revert(pipe)
+    assert same_state(pipe, before) and np.array_equal(images(pipe), base)
+    # the same stack from saved folders gives the same images
+    for i, e in enumerate((a, hook, b)):
+        e.save(tmp_path / str(i))
+    loaded = [load_edit(tmp_path / str(i)).apply(pipe) for i in range(3)]
+    assert np.array_equal(images(pipe), all_three)
+    for e in reversed(loaded):
+        e.revert(pipe)
+    assert same_state(pipe, before)
+
+
+def test_hooks_are_removed_when_generation_raises(pipe):
+    hook = erasekit.erase(pipe, "star", method="negative-prompt")
+
+    class Boom(Exception):
+        pass
+
+    from erasekit.adapters.sampling import Hook
+
+    class ScaleThenFail(Hook):
+        def __init__(self):
+            self.step = 0
+
+        def module_hooks(self, adapter):
+            name = next(iter(adapter.modules("cross_attn_kv")))
+            return {name: lambda m, args, out: out * 2}
+
+        def noise(self, ctx, predict):
+            if ctx.index == 1:
+                raise Boom()
+            return predict()
+
+    def hooks_on(pipe):  # transformers installs output-capturing hooks of its own on first use
+        return {(c, n): len(m._forward_hooks) for c in ("unet", "text_encoder", "text_encoder_2", "vae")
+                if getattr(pipe, c, None) is not None for n, m in getattr(pipe, c).named_modules()}
+
+    images(pipe)
+    before = hooks_on(pipe)
+    with pytest.raises(Boom):
+        with hook.scoped(pipe):
+            get_adapter(pipe).sample(["a star"], [torch.Generator().manual_seed(0)], 3, 5.0, hooks=[ScaleThenFail()])
+    assert not getattr(pipe, "_erasekit_stack", None)
+    assert hooks_on(pipe) == before

@@ -53,18 +53,18 @@ def test_non_finite_weights_are_a_clear_error(sd):
 def test_truncated_and_hand_edited_patches(sd, tmp_path):
     patch = erasekit.erase(sd, "star", method="uce")
     patch.save(tmp_path / "p")
-    data = (tmp_path / "p" / "patch.safetensors").read_bytes()
-    (tmp_path / "p" / "patch.safetensors").write_bytes(data[: len(data) // 2])
+    data = (tmp_path / "p" / "edit.safetensors").read_bytes()
+    (tmp_path / "p" / "edit.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PatchError, match="truncated"):
         load_patch(tmp_path / "p")
 
     patch.save(tmp_path / "q")
-    m = json.loads((tmp_path / "q" / "patch.json").read_text())
+    m = json.loads((tmp_path / "q" / "edit.json").read_text())
     m["config"]["lam"] = 123
-    (tmp_path / "q" / "patch.json").write_text(json.dumps(m))
+    (tmp_path / "q" / "edit.json").write_text(json.dumps(m))
     with pytest.raises(PatchError, match="edited"):
         load_patch(tmp_path / "q")
-    (tmp_path / "q" / "patch.json").write_text("{not json")
+    (tmp_path / "q" / "edit.json").write_text("{not json")
     with pytest.raises(PatchError, match="not valid JSON"):
         load_patch(tmp_path / "q")
     with pytest.raises(PatchError, match="does not exist"):

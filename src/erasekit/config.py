@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -13,6 +14,11 @@ T = TypeVar("T")
 
 def _parse(value: str, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]: "none" unsets it
+        if value.strip().lower() in ("none", "null", ""):
+            return None
+        return _parse(value, next(a for a in args if a is not type(None)), key)
     if typ is bool:
         low = value.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -32,6 +38,21 @@ def _parse(value: str, typ: Any, key: str) -> Any:
     raise InvalidInputError(f"--set {key}: this setting cannot be set from the command line")
 
 
+def check_config(cfg: Any) -> None:
+    """Range-check a config against its fields' metadata (``min``, ``max``, ``above`` = strict
+    lower bound, ``choices``); a violation is a one-line error naming the setting."""
+    for f in dataclasses.fields(cfg):
+        v, meta = getattr(cfg, f.name), f.metadata
+        if v is None:
+            continue
+        bad = ("min" in meta and v < meta["min"] and f"at least {meta['min']}") or \
+              ("above" in meta and v <= meta["above"] and f"above {meta['above']}") or \
+              ("max" in meta and v > meta["max"] and f"at most {meta['max']}") or \
+              ("choices" in meta and v not in meta["choices"] and f"one of {', '.join(map(str, meta['choices']))}")
+        if bad:
+            raise InvalidInputError(f"setting {f.name}={v!r} is out of range: it must be {bad}")
+
+
 def apply_overrides(cfg: T, pairs: list[str]) -> T:
     """Return ``cfg`` with ``key=value`` overrides; unknown keys and wrong types are errors."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
@@ -45,4 +66,6 @@ def apply_overrides(cfg: T, pairs: list[str]) -> T:
         if key not in fields:
             raise InvalidInputError(f"--set {key}: unknown setting; known: {', '.join(sorted(fields))}")
         changes[key] = _parse(value, hints[key], key)
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+    out = dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+    check_config(out)
+    return out

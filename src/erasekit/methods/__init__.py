@@ -8,12 +8,13 @@ from typing import Any
 from ..errors import InvalidInputError
 from .base import Method
 from .mace import MACE
+from .negative_prompt import NegativePrompt
 from .realera import RealEra
 from .rece import RECE
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -36,8 +37,9 @@ def describe() -> list[dict[str, Any]]:
     for m in REGISTRY.values():
         fields = [{"name": f.name, "default": f.default if f.default is not dataclasses.MISSING else None,
                    "help": f.metadata.get("help", "")} for f in dataclasses.fields(m.Config)]
-        out.append({"name": m.name, "family": m.family, "description": m.description, "config": fields})
+        out.append({"name": m.name, "family": m.family, "edit_kind": m.edit_kind, "description": m.description,
+                    "config": fields})
     return out
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra"]
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt"]

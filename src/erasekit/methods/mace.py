@@ -9,16 +9,15 @@ fine-tuning family.)"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..adapters import SDAdapter
+from ..adapters import Encoded
 from ..concepts import ConceptSpec
-from ..edits import WeightDelta
 from ..solvers import Moments, ridge_solve
-from .base import ClosedFormConfig, Method, Timer, make_patch, pairs, preserve_prompts, select_layers, solve_layers
+from .closed_form import ClosedFormConfig, ClosedFormMethod, Layers, Solution, Timer, encode_problem, solve_layers
 
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}", "an image of a {}", "a picture of a {}", "a drawing of a {}")
 
@@ -28,8 +27,8 @@ class MACEConfig(ClosedFormConfig):
     templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES, metadata={
         "help": "prompt templates pairing concept and anchor prompts (the paper augments with many)"})
     lam: float = field(default=0.1, metadata={"help": "ridge towards W0 (the paper uses 0 with a large "
-                                                      "COCO preserve cache; without one it must be > 0)"})
-    preserve_scale: float = field(default=1.0, metadata={"help": "weight of the preserve prompts' rows"})
+                                                      "COCO preserve cache; without one it must be > 0)", "min": 0.0})
+    preserve_scale: float = field(default=1.0, metadata={"help": "weight of the preserve prompts' rows", "min": 0.0})
     include_padding: bool = field(default=True, metadata={"help": "also align the padding positions"})
 
 
@@ -52,23 +51,27 @@ def aligned_positions(ids_a: list[int], ids_b: list[int], len_a: int, len_b: int
     return out
 
 
-class MACE(Method):
+class MACE(ClosedFormMethod):
     name = "mace"
-    family = "closed-form"
     description = "MACE closed-form refinement: clean concept traces out of co-occurring tokens (stage 1 of MACE)"
     Config = MACEConfig
 
-    def fit(self, adapter: SDAdapter, concepts: list[ConceptSpec]) -> WeightDelta:
-        cfg = self.config
-        timer = Timer()
-        layers = select_layers(adapter, cfg.edit)
-        er, an = pairs(concepts, cfg.templates)
-        pres = preserve_prompts(concepts, cfg.templates)
-        t = time.perf_counter()
-        enc_e, enc_a = adapter.encode(er), adapter.encode(an)
-        enc_p = adapter.encode(pres) if pres else None
-        timer.mark("encode_text", t)
-        t = time.perf_counter()
+    def solve(self, cfg: MACEConfig, adapter: Any, concepts: list[ConceptSpec], layers: Layers, timer: Timer) -> Solution:
+        pb = encode_problem(adapter, concepts, cfg.templates, timer)
+        with timer.part("solve"):
+            c, g = self.aligned_rows(adapter, pb.erase, pb.anchor, pb.enc_erase, pb.enc_anchor)
+            m = Moments(c.shape[-1])
+            m.add_erase(c, g)
+            if (enc_p := pb.enc_preserve) is not None:
+                m.add_preserve(torch.cat([enc_p.embeds[i, : int(enc_p.lengths[i])].cpu() for i in range(len(enc_p))]))
+            sol = solve_layers(layers, lambda _n, w0: ridge_solve(
+                w0, m, lam=cfg.lam, erase_scale=1.0, preserve_scale=cfg.preserve_scale), m)
+        sol.extra["aligned_rows"] = len(c)
+        return sol
+
+    def aligned_rows(self, adapter: Any, er: list[str], an: list[str], enc_e: Encoded,
+                     enc_a: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concept prompts' rows at positions shared with their anchor prompts, and those anchor rows."""
         tok = adapter.pipe.tokenizer if adapter.pipe.tokenizer is not None else adapter.pipe.tokenizer_2
         max_len = tok.model_max_length
         ids_e = tok(er, padding="max_length", max_length=max_len, truncation=True).input_ids
@@ -76,18 +79,9 @@ class MACE(Method):
         cs, gs = [], []
         for i in range(len(er)):
             pos = aligned_positions(ids_e[i], ids_a[i], int(enc_e.lengths[i]), int(enc_a.lengths[i]),
-                                    enc_e.embeds.shape[1], cfg.include_padding)
-            if not pos:
-                continue
-            ia, ib = zip(*pos)
-            cs.append(enc_e.embeds[i, list(ia)].cpu())
-            gs.append(enc_a.embeds[i, list(ib)].cpu())
-        c, g = torch.cat(cs), torch.cat(gs)
-        m = Moments(c.shape[-1])
-        m.add_erase(c, g)
-        if enc_p is not None:
-            m.add_preserve(torch.cat([enc_p.embeds[i, : int(enc_p.lengths[i])].cpu() for i in range(len(pres))]))
-        deltas, res = solve_layers(layers, lambda _n, w0: ridge_solve(
-            w0, m, lam=cfg.lam, erase_scale=1.0, preserve_scale=cfg.preserve_scale), m)
-        timer.mark("solve", t)
-        return make_patch(self, adapter, concepts, deltas, timer, res, {"aligned_rows": len(c)})
+                                    enc_e.embeds.shape[1], self.config.include_padding)
+            if pos:
+                ia, ib = zip(*pos)
+                cs.append(enc_e.embeds[i, list(ia)].cpu())
+                gs.append(enc_a.embeds[i, list(ib)].cpu())
+        return torch.cat(cs), torch.cat(gs)

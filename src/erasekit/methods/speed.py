@@ -5,30 +5,29 @@ concepts' embeddings, with influence-based prior filtering (IPF), directed prior
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..adapters import SDAdapter
 from ..concepts import ConceptSpec
-from ..edits import WeightDelta
-from ..solvers import DTYPE, Moments, null_space_projector, null_space_solve, residuals
-from .base import ClosedFormConfig, Method, Timer, make_patch, pairs, preserve_prompts, select_layers
+from ..solvers import DTYPE, Moments, null_space_projector, null_space_solve
+from .closed_form import ClosedFormConfig, ClosedFormMethod, Layers, Solution, Timer, encode_problem, solve_layers
 
 
 @dataclass(frozen=True)
 class SPEEDConfig(ClosedFormConfig):
-    edit: str = field(default="v", metadata={"help": "projections to edit (official default: v)"})
+    edit: str = field(default="v", metadata={"help": "projections to edit (official default: v)",
+                                              "choices": ("k", "v", "kv")})
     retain_scale: float = field(default=1.0, metadata={"help": "alpha, ridge of the projected solve "
-                                                                 "(official: 1.0; 0.05 multi-concept)"})
+                                                                 "(official: 1.0; 0.05 multi-concept)", "min": 0.0})
     tau: float = field(default=0.1, metadata={"help": "eigenvalue threshold of the null space (official 0.1; "
-                                                      "1e-4 for 10-100 concepts)"})
-    mu: float = field(default=0.0, metadata={"help": "softening of the equality constraints (0 = exact)"})
+                                                      "1e-4 for 10-100 concepts)", "above": 0.0})
+    mu: float = field(default=0.0, metadata={"help": "softening of the equality constraints (0 = exact)", "min": 0.0})
     prior_filter: bool = field(default=True, metadata={"help": "IPF: keep the most affected retain rows"})
-    augment: int = field(default=10, metadata={"help": "DPA: perturbed copies per retain row (0 = off)"})
+    augment: int = field(default=10, metadata={"help": "DPA: perturbed copies per retain row (0 = off)", "min": 0})
     constraints: bool = field(default=True, metadata={"help": "IEC: keep SOT and null-prompt outputs fixed"})
-    kmeans: int = field(default=3, metadata={"help": "null-prompt centroids in the constraint set"})
+    kmeans: int = field(default=3, metadata={"help": "null-prompt centroids in the constraint set", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of DPA noise and k-means"})
 
 
@@ -55,64 +54,63 @@ def _mentions(prompt: str, phrases: list[str]) -> bool:
     return any(re.search(rf"\b{re.escape(p.lower())}\b", prompt.lower()) for p in phrases if p)
 
 
-class SPEED(Method):
+class SPEED(ClosedFormMethod):
     name = "speed"
-    family = "closed-form"
     description = "SPEED: null-space-constrained closed-form edit with prior filtering, augmentation, equality constraints"
     Config = SPEEDConfig
 
-    def fit(self, adapter: SDAdapter, concepts: list[ConceptSpec]) -> WeightDelta:
-        cfg = self.config
-        timer = Timer()
-        layers = select_layers(adapter, cfg.edit)
-        er, an = pairs(concepts, cfg.templates)
+    def solve(self, cfg: SPEEDConfig, adapter: Any, concepts: list[ConceptSpec], layers: Layers, timer: Timer) -> Solution:
         erased = [p for c in concepts for p in c.erase_phrases]
-        retain = [p for p in preserve_prompts(concepts, cfg.templates) if not _mentions(p, erased)]
-        t = time.perf_counter()
-        enc_e, enc_a, enc_null = adapter.encode(er), adapter.encode(an), adapter.encode([""])
-        enc_r = adapter.encode(retain) if retain else None
-        timer.mark("encode_text", t)
-        t = time.perf_counter()
-        c, g = enc_e.last_subject().cpu().to(DTYPE), enc_a.last_subject().cpu().to(DTYPE)
-        null = enc_null.embeds[0].cpu().to(DTYPE)
-        r_all = enc_r.last_subject().cpu().to(DTYPE) if enc_r is not None else null[1:]
-        d = c.shape[-1]
-        m = Moments(d)
-        m.add_erase(c, g, weight=1.0 / len(c))  # means, as the official code (alpha is relative to them)
-        k_mat = None
-        if cfg.constraints:
-            k_mat = torch.cat([null[:1], kmeans(null[1:], cfg.kmeans, cfg.seed)]).T  # (d, 1 + k)
-        eye = torch.eye(d, dtype=DTYPE)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        info: dict[str, dict] = {}
-        plain = (m.s_gc - m.s_cc) @ torch.linalg.inv(eye + m.s_cc)  # shared by every layer
-
-        def solve(name: str, w0: torch.Tensor) -> torch.Tensor:
-            dw0 = w0 @ plain  # the plain erase update, which IPF and DPA score retain rows by
-            r = r_all
-            if cfg.prior_filter and len(r) > 1:
-                score = (dw0 @ r.T).norm(dim=0)
-                r = r[score > score.mean()] if (score > score.mean()).any() else r
-            if cfg.augment > 0:
-                v_min = torch.linalg.svd(w0, full_matrices=True).Vh[-1]
-                noise = torch.randn(len(r) * cfg.augment, d, generator=gen, dtype=DTYPE)
-                aug = r.repeat_interleave(cfg.augment, 0) + (noise @ v_min)[:, None] * v_min[None, :]
-                score = (dw0 @ aug.T).norm(dim=0)
-                r = torch.cat([r, aug[score > score.mean()]])
-            c_rr = r.T @ r / len(r)
-            proj = null_space_projector(c_rr, cfg.tau)
-            info[name] = {"retain_rows": len(r), "null_dim": int(round(float(torch.trace(proj))))}
-            return null_space_solve(w0, m, proj, alpha=cfg.retain_scale, constraints=k_mat, mu=cfg.mu)
-
-        deltas, res = {}, {}
-        for name, mod in layers.items():
-            w0 = mod.weight.detach().to("cpu", DTYPE)
-            w = solve(name, w0)
-            deltas[f"unet.{name}.weight"] = (w - w0).to(torch.float32)
-            mr = Moments(d)
+        pb = encode_problem(adapter, concepts, cfg.templates, timer,
+                            keep=lambda ps: [p for p in ps if not _mentions(p, erased)])  # retain prompts
+        enc_e, enc_a, enc_r = pb.enc_erase, pb.enc_anchor, pb.enc_preserve
+        with timer.part("encode_text"):
+            enc_null = adapter.encode([""])
+        with timer.part("solve"):
+            c, g = enc_e.last_subject().cpu().to(DTYPE), enc_a.last_subject().cpu().to(DTYPE)
+            null = enc_null.embeds[0].cpu().to(DTYPE)
+            r_all = enc_r.last_subject().cpu().to(DTYPE) if enc_r is not None else null[1:]
+            m = Moments(c.shape[-1])
+            m.add_erase(c, g, weight=1.0 / len(c))  # means, as the official code (alpha is relative to them)
+            k_mat = torch.cat([null[:1], kmeans(null[1:], cfg.kmeans, cfg.seed)]).T if cfg.constraints else None
+            mr = Moments(c.shape[-1])  # the residuals are reported on plain sums over every retain row
             mr.add_erase(c, g)
             mr.add_preserve(r_all)
-            res[name] = {**{k: round(v, 6) for k, v in residuals(w, w0, mr).items()}, **info[name]}
-        timer.mark("solve", t)
-        return make_patch(self, adapter, concepts, deltas, timer, res,
-                          {"n_erase_prompts": len(er), "n_retain_prompts": len(retain)})
+            per_layer = _NullSpaceSolve(cfg, m, r_all, k_mat)
+            sol = solve_layers(layers, per_layer, mr)
+        for name, info in per_layer.info.items():
+            sol.residuals[name].update(info)
+        sol.extra.update(n_erase_prompts=len(pb.erase), n_retain_prompts=len(pb.preserve))
+        return sol
+
+
+class _NullSpaceSolve:
+    """SPEED's per-layer solve: IPF and DPA choose the retain rows by how much the plain erase
+    update moves them, then the update is confined to their null space under the IEC constraints."""
+
+    def __init__(self, cfg: SPEEDConfig, m: Moments, r_all: torch.Tensor, k_mat: torch.Tensor | None) -> None:
+        self.cfg, self.m, self.r_all, self.k_mat = cfg, m, r_all, k_mat
+        d = r_all.shape[-1]
+        self.plain = (m.s_gc - m.s_cc) @ torch.linalg.inv(torch.eye(d, dtype=DTYPE) + m.s_cc)  # shared by all layers
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.info: dict[str, dict] = {}
+
+    def retain_rows(self, w0: torch.Tensor) -> torch.Tensor:
+        cfg, r = self.cfg, self.r_all
+        dw0 = w0 @ self.plain  # the plain erase update, which IPF and DPA score retain rows by
+        if cfg.prior_filter and len(r) > 1:
+            score = (dw0 @ r.T).norm(dim=0)
+            r = r[score > score.mean()] if (score > score.mean()).any() else r
+        if cfg.augment > 0:
+            v_min = torch.linalg.svd(w0, full_matrices=True).Vh[-1]
+            noise = torch.randn(len(r) * cfg.augment, r.shape[-1], generator=self.gen, dtype=DTYPE)
+            aug = r.repeat_interleave(cfg.augment, 0) + (noise @ v_min)[:, None] * v_min[None, :]
+            score = (dw0 @ aug.T).norm(dim=0)
+            r = torch.cat([r, aug[score > score.mean()]])
+        return r
+
+    def __call__(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        r = self.retain_rows(w0)
+        proj = null_space_projector(r.T @ r / len(r), self.cfg.tau)
+        self.info[name] = {"retain_rows": len(r), "null_dim": int(round(float(torch.trace(proj))))}
+        return null_space_solve(w0, self.m, proj, alpha=self.cfg.retain_scale, constraints=self.k_mat, mu=self.cfg.mu)

@@ -200,10 +200,10 @@ def erase_templates(axis: str = "shape") -> tuple[str, ...]:
 #: target from 0.96 to 0.04 with no drop on other shapes; 10 took 18 points off other shapes. On the
 #: shipped 10000-step model (benchmarks/world_erasure.py, 16 seeds): star 1.00 -> 0.19, heart
 #: 1.00 -> 0.06, other shapes kept at 1.00.
-UCE_WORLD: dict[str, object] = {"token": "all", "erase_scale": 3.0}
+UCE_WORLD: dict[str, object] = {"token": "from_last", "erase_scale": 3.0}
 
 #: RECE's UCE start with the same row policy. With the default ``last``, the rows it edits for a
 #: template such as "a {} on a grass background" are those of "background", not of the concept:
 #: on star and heart the colour/texture/background of other prompts fell from 1.00 to 0.46 with
-#: no rounds at all (rounds=0), and to 0.48 with them; ``all`` keeps them at 0.98.
-RECE_WORLD: dict[str, object] = {"uce_token": "all"}
+#: no rounds at all (rounds=0), and to 0.48 with them; ``from_last`` keeps them at 0.98.
+RECE_WORLD: dict[str, object] = {"uce_token": "from_last"}
