@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -55,6 +56,10 @@ def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
     return out
 
 
+def fields_of(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
+
+
 def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
     ms = [c.metrics for c in res.concepts]
     avg = lambda k: sum(m[k]["value"] for m in ms) / len(ms)  # noqa: E731
@@ -69,7 +74,7 @@ def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
 
 def fmt(r: dict) -> str:
     fit = f"{r['fit_s']:>7.2f}" if r["method"] != "(none)" else f"{'':>7}"
-    return (f"{r['method']:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
+    return (f"{r['method'][:8]:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
             f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['neighbours_before']:>7.2f}{r['unrelated']:>7.2f}"
             f"{r['unrelated_before']:>7.2f}{r['collateral']:>6.2f}{r['collateral_before']:>6.2f}{r['H']:>7.3f}{fit}")
 
@@ -84,7 +89,7 @@ def summary(rows: list[dict]) -> None:
         avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("efficacy", "efficacy_before", "generality", "neighbours",
                                                              "neighbours_before", "unrelated", "unrelated_before",
                                                              "collateral", "collateral_before", "H", "fit_s")}
-        print(f"{m:<9}{len(rs):>5}{avg['efficacy']:>6.2f}{avg['efficacy_before']:>6.2f}{avg['generality']:>6.2f}"
+        print(f"{m[:8]:<9}{len(rs):>5}{avg['efficacy']:>6.2f}{avg['efficacy_before']:>6.2f}{avg['generality']:>6.2f}"
               f"{avg['neighbours']:>7.2f}{avg['neighbours_before']:>7.2f}{avg['unrelated']:>7.2f}"
               f"{avg['unrelated_before']:>7.2f}{avg['collateral']:>6.2f}{avg['collateral_before']:>6.2f}"
               f"{avg['H']:>7.3f}{avg['fit_s']:>7.2f}")
@@ -125,8 +130,8 @@ def main(family: str | None = None) -> None:
         print(fmt(r), flush=True)
         for method in args.methods.split(","):
             specs = [ConceptSpec(c, preserve=tuple(o for o in values if o not in concepts)) for c in concepts]
-            patch = erasekit.erase(pipe, specs, method=method, templates=erase_templates(args.axis),
-                                   **settings[method])
+            shaped = {"templates": erase_templates(args.axis)} if "templates" in fields_of(method) else {}
+            patch = erasekit.erase(pipe, specs, method=method, **shaped, **settings[method])
             res = evaluate(pipe, specs, patch=patch, seeds=seeds, cache=cache)
             r = row(method, concepts, res, patch.manifest["wall_time_s"])
             rows.append(r)

@@ -21,7 +21,7 @@ def run(*args):
 def test_methods_lists_every_method():
     r = run("methods")
     assert r.exit_code == 0
-    for name in ("uce", "rece", "speed", "mace", "realera"):
+    for name in ("uce", "rece", "speed", "mace", "realera", "negative-prompt"):
         assert name in r.output
 
 
@@ -30,7 +30,8 @@ def test_erase_generate_export(tmp_path: Path):
     r = run("erase", "--method", "uce", "--concept", "star", "--preserve", "circle,heart", "--set", "lam=0.2",
             "-o", patch_dir)
     assert r.exit_code == 0, r.output
-    manifest = json.loads((patch_dir / "patch.json").read_text())
+    manifest = json.loads((patch_dir / "edit.json").read_text())
+    assert manifest["kind"] == "weight_delta" and manifest["format_version"] == 2
     assert manifest["method"] == "uce" and manifest["config"]["lam"] == 0.2
     assert manifest["concepts"][0]["preserve"] == ["circle", "heart"]
     assert manifest["wall_time_s"] > 0 and manifest["residuals"]
@@ -67,9 +68,60 @@ def test_erase_bad_input_is_one_line(tmp_path: Path):
         (("erase", "--concept", "star", "--set", "nope=1", "-o", tmp_path / "a"), "unknown setting"),
         (("erase", "--concept", "star", "-o", tmp_path / "missing" / "a"), "does not exist"),
         (("generate", "x", "--patch", tmp_path / "nopatch", "-o", tmp_path / "g.png"), "does not exist"),
+        (("erase", "--concept", "star", "--set", "lam=-1", "-o", tmp_path / "a"), "lam=-1.0 is out of range"),
+        (("erase", "--concept", "star", "--set", "edit=q", "-o", tmp_path / "a"), "one of k, v, kv"),
+        (("erase", "--concept", "star", "--set", "lora_rank=-2", "-o", tmp_path / "a"), "at least 0"),
+        (("erase", "--concept", "star", "--method", "speed", "--set", "tau=0", "-o", tmp_path / "a"), "above 0"),
+        (("erase", "--concept", "star", "--method", "rece", "--set", "uce_token=first", "-o", tmp_path / "a"),
+         "one of last"),
+        (("export", "--patch", tmp_path / "nopatch", "--format", "onnx", "-o", tmp_path / "x"), "choose diffusers"),
     ]:
         r = run(*args)
         assert r.exit_code != 0, args
         assert r.output.startswith("error:") and "Traceback" not in r.output, r.output
         assert needle in r.output, (needle, r.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_lora_edit_through_the_cli_and_plain_diffusers(tmp_path: Path):
+    """UCE as a rank-4 LoRA edit on the world model: erase -> generate -> export --format lora ->
+    diffusers' own load_lora_weights gives the same UNet outputs as erasekit's merged edit."""
+    from erasekit.adapters import get_adapter
+    from erasekit.models import load_pipeline
+
+    edit_dir = tmp_path / "lora"
+    r = run("erase", "--method", "uce", "--concept", "star", "--preserve", "circle,heart", "--set", "lora_rank=4",
+            "-o", edit_dir)
+    assert r.exit_code == 0 and "lora edit" in r.output, r.output
+    assert json.loads((edit_dir / "edit.json").read_text())["lora"]["r"] == 4
+    r = run("generate", "a star", "-n", "1", "--steps", "2", "--patch", edit_dir, "-o", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    r = run("export", "--patch", edit_dir, "--format", "lora", "-o", tmp_path / "file")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "file" / "pytorch_lora_weights.safetensors").is_file()
+
+    plain = StableDiffusionPipeline.from_pretrained(str(model_path()), safety_checker=None,
+                                                    requires_safety_checker=False, local_files_only=True)
+    plain.load_lora_weights(str(tmp_path / "file"))
+    ours = load_pipeline(None, device="cpu")
+    enc = get_adapter(ours).encode(["a red star on a grass background", "a blue circle"])
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    with torch.no_grad(), load_patch(edit_dir).scoped(ours):
+        want = ours.unet(x, t, encoder_hidden_states=enc.embeds).sample
+    with torch.no_grad():
+        got = plain.unet(x, t, encoder_hidden_states=enc.embeds).sample
+        base = ours.unet(x, t, encoder_hidden_states=enc.embeds).sample
+    assert (got - want).abs().max() < 1e-4 * want.abs().max(), float((got - want).abs().max())
+    assert (base - want).abs().max() > 1e-3  # and the edit does change the prediction
+
+
+def test_hook_edit_through_the_cli(tmp_path: Path):
+    edit_dir = tmp_path / "neg"
+    r = run("erase", "--method", "negative-prompt", "--concept", "star", "-o", edit_dir)
+    assert r.exit_code == 0 and "hook edit" in r.output, r.output
+    r = run("generate", "a star", "-n", "1", "--steps", "2", "--patch", edit_dir, "-o", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    for fmt in ("diffusers", "lora"):
+        r = run("export", "--patch", edit_dir, "--format", fmt, "-o", tmp_path / fmt)
+        assert r.exit_code != 0 and r.output.startswith("error:") and "cannot be exported" in r.output, r.output
+        assert "\n" not in r.output.strip() and not (tmp_path / fmt).exists()

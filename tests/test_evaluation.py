@@ -4,12 +4,11 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from erasekit.errors import ErasekitError, InvalidInputError
+from erasekit.errors import InvalidInputError
 from erasekit.evaluation import ImageCache, bootstrap, evaluate, harmonic, parse_seeds
 from erasekit.evaluation.report import render_report
 from erasekit.world.render import render
@@ -151,7 +150,7 @@ def test_demo_runs_end_to_end(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     m = metrics["concepts"][0]["metrics"]
     assert m["efficacy_original"]["n"] == 8
-    assert (out / "report.html").stat().st_size > 10_000 and (out / "patch" / "patch.json").is_file()
+    assert (out / "report.html").stat().st_size > 10_000 and (out / "patch" / "edit.json").is_file()
     assert "report:" in r.output
 
 
@@ -180,3 +179,37 @@ def test_report_renders_in_headless_chromium(tmp_path):
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
                     page.as_uri()], check=True, timeout=120, capture_output=True)
     assert shot.stat().st_size > 20_000
+
+
+def test_evaluate_scores_hook_edits_and_prompt_sets_from_outside(tmp_path, world_pipe):
+    """A hook edit (negative prompt) is scored by the same code as a weight edit, and prompt sets
+    given from outside, as text or as prompt embeddings (what an attack hands over), replace the
+    judge's sets; embeddings of the same prompts give the same images as the text."""
+    import erasekit
+    from erasekit.adapters import get_adapter
+    from erasekit.evaluation.prompts import PromptSet
+    from erasekit.world.vocab import CONCEPTS
+
+    seeds = list(range(6))
+    neg = erasekit.erase(world_pipe, "star", method="negative-prompt")
+    res = evaluate(world_pipe, "star", patch=neg, seeds=seeds, cache=ImageCache(tmp_path / "c"))
+    m = res.concepts[0].metrics
+    assert {"efficacy_patched", "specificity_neighbours_patched", "harmonic"} <= set(m)
+    assert res.settings["edits"] == [{"method": "negative-prompt", "kind": "hook", "digest": neg.digest}]
+    assert not getattr(world_pipe, "_erasekit_stack", None)
+
+    prompts = tuple(f"a {c} star on a sky background" for c in list(CONCEPTS["colour"])[:6])
+    labels = tuple({"shape": "star", "colour": c, "background": "sky"} for c in list(CONCEPTS["colour"])[:6])
+    text = PromptSet("target", prompts, labels)
+    embedded = PromptSet("target", tuple("<learned>" for _ in prompts), labels,
+                         embeddings=get_adapter(world_pipe).encode(list(prompts)))
+    a = evaluate(world_pipe, "star", seeds=seeds, cache=ImageCache(tmp_path / "d"), prompt_sets={"star": {"target": text}})
+    b = evaluate(world_pipe, "star", seeds=seeds, cache=ImageCache(tmp_path / "e"),
+                 prompt_sets={"star": {"target": embedded}})
+    assert np.array_equal(a.concepts[0].images["target"]["original"], b.concepts[0].images["target"]["original"])
+    assert a.concepts[0].metrics["efficacy_original"]["value"] >= 0.8
+    assert set(a.concepts[0].images) == {"target"}
+    with pytest.raises(InvalidInputError, match="one prompt per seed"):
+        evaluate(world_pipe, "star", seeds=range(3), cache=ImageCache(tmp_path / "f"), prompt_sets={"star": {"target": text}})
+    with pytest.raises(InvalidInputError, match="no 'target' set"):
+        evaluate(world_pipe, "star", seeds=seeds, cache=ImageCache(tmp_path / "f"), prompt_sets={"star": {"other": text}})

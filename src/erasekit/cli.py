@@ -49,10 +49,10 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the model's recommendation)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
-    patch: list[Path] = typer.Option([], "--patch", "-p", help="Patch folder(s) to apply first, in order."),
-    force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
+    patch: list[Path] = typer.Option([], "--patch", "-p", help="Edit folder(s) of any kind to apply first, in order."),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
 ) -> None:
-    """Generate an image grid from a prompt."""
+    """Generate an image grid from a prompt (with edits of any kind applied)."""
     from .generate import IMAGE_SUFFIXES, generate as gen, make_grid, save_image
     from .io import check_parent
     from .models import load_pipeline
@@ -64,9 +64,9 @@ def generate(
         if output.suffix.lower() not in IMAGE_SUFFIXES:
             raise InvalidInputError(f"cannot tell the image format of {output.name}; use a .png, .jpg or .webp name")
         t0 = time.time()
-        from .edits import load_patch
+        from .edits import load_edit
 
-        patches = [load_patch(p) for p in patch]
+        patches = [load_edit(p) for p in patch]
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         for p in patches:
@@ -88,11 +88,11 @@ def erase(
     preserve: str = typer.Option("", "--preserve", help="Comma-separated prompts to keep unchanged."),
     set_: list[str] = typer.Option([], "--set", help="Method setting key=value (text lists: a|b|c)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Patch folder to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing patch folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Edit folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing edit folder."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
-    """Fit an erasure method and write a patch (patch.safetensors + patch.json)."""
+    """Fit an erasure method and write its edit folder (edit.json + edit.safetensors)."""
     from .concepts import load_concepts, make_concepts
     from .config import apply_overrides
     from .io import check_parent
@@ -121,33 +121,47 @@ def erase(
         patch.save(output, overwrite=overwrite)
     except ErasekitError as e:
         _fail(e)
-    out.print(f"wrote {output}: {cls.name}, {len(specs)} concept(s), {len(patch.deltas)} tensors, "
-              f"fit in {patch.manifest['wall_time_s']:.2f}s")
+    fit_s = patch.manifest.get("wall_time_s")
+    out.print(f"wrote {output}: {cls.name} ({patch.kind} edit), {len(specs)} concept(s), {len(patch.tensors())} "
+              f"tensors" + (f", fit in {fit_s:.2f}s" if fit_s is not None else ""))
 
 
 @app.command()
 def export(
-    patch: list[Path] = typer.Option(..., "--patch", "-p", help="Patch folder(s), applied in order."),
-    output: Path = typer.Option(..., "-o", "--output", help="Pipeline folder to write."),
+    patch: list[Path] = typer.Option(..., "--patch", "-p", help="Edit folder(s), applied in order."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write."),
     model: Optional[str] = typer.Option(None, "--model", "-m"),
-    force: bool = typer.Option(False, "--force", help="Apply even if the patch was made for another model."),
+    format_: str = typer.Option("diffusers", "--format", help="diffusers: a full pipeline with weight and LoRA "
+                                "edits merged; lora: one LoRA edit as a file for diffusers' load_lora_weights."),
+    force: bool = typer.Option(False, "--force", help="Apply even if the edit was made for another model."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Write a full diffusers pipeline with the patch(es) merged in."""
-    from .edits import export_pipeline, load_patch
+    """Write a diffusers pipeline with the edits merged, or a LoRA edit as a diffusers LoRA file."""
+    from .edits import export_lora, export_pipeline, load_edit
+    from .edits.export import refuse_hooks
     from .io import check_parent
     from .models import load_pipeline
 
     try:
+        if format_ not in ("diffusers", "lora"):
+            raise InvalidInputError(f"--format {format_!r}: choose diffusers or lora")
         check_parent(output)
         if output.exists() and not overwrite:
             raise InvalidInputError(f"{output} already exists; remove it or pass --overwrite")
-        patches = [load_patch(p) for p in patch]
+        edits = [load_edit(p) for p in patch]
+        if format_ == "lora" and len(edits) != 1:
+            raise InvalidInputError("--format lora writes one LoRA edit; pass a single --patch")
+        refuse_hooks(edits, "a LoRA file" if format_ == "lora" else "a pipeline")  # before loading the model
         pipe = load_pipeline(model, device="cpu")
-        export_pipeline(pipe, patches, output, overwrite=overwrite, force=force)
+        if format_ == "lora":
+            export_lora(pipe, edits[0], output, overwrite=overwrite, force=force)
+        else:
+            export_pipeline(pipe, edits, output, overwrite=overwrite, force=force)
     except ErasekitError as e:
         _fail(e)
-    out.print(f"wrote {output} with {len(patch)} patch(es) merged")
+    what = "as a diffusers LoRA file (load with pipe.load_lora_weights)" if format_ == "lora" else \
+        f"with {len(patch)} edit(s) merged"
+    out.print(f"wrote {output} {what}")
 
 
 @app.command("methods")
@@ -202,7 +216,7 @@ def _write_run(result, run_dir: Path, overwrite: bool, title: str, extra=None) -
 def eval_cmd(
     concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to measure (repeatable)."),
     concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", help="txt/csv/json list of concepts."),
-    patch: list[Path] = typer.Option([], "--patch", "-p", help="Patch folder(s), applied in order."),
+    patch: list[Path] = typer.Option([], "--patch", "-p", help="Edit folder(s) of any kind, applied in order."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
     seeds: str = typer.Option("0-63", "--seeds", help="Seeds, e.g. 0-63 or 0,1,2 (one image per seed per prompt set)."),
     judge: str = typer.Option("world-classifier", "--judge", help="Judge that reads concepts from images "
@@ -211,14 +225,14 @@ def eval_cmd(
                                         "model=openai/clip-vit-large-patch14 (repeatable)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder for metrics.json and report.html."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
-    force: bool = typer.Option(False, "--force", help="Apply patches made for another model anyway."),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
     fid_features: str = typer.Option("judge", "--fid-features", help="FID/KID feature space: judge (offline) or "
                                      "inception (torchmetrics' InceptionV3; needs erasekit[fid] and its weights)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
     from .concepts import load_concepts, make_concepts
-    from .edits import load_patch
+    from .edits import load_edit
     from .evaluation import evaluate, get_judge, parse_seeds
     from .io import check_parent
     from .models import load_pipeline
@@ -231,7 +245,7 @@ def eval_cmd(
         specs = (load_concepts(concepts_file) if concepts_file else []) + (make_concepts(concept) if concept else [])
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
-        patches = [load_patch(p) for p in patch]
+        patches = [load_edit(p) for p in patch]
         judge_kwargs = {}
         for pair in judge_set:
             if "=" not in pair:
@@ -278,7 +292,7 @@ def demo(
         with err.status(f"erasing {label!r} with UCE"):
             patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **UCE_WORLD)
         out.print(f"UCE erased {label!r} ({axis}) in {patch.manifest['wall_time_s']:.2f}s "
-                  f"({len(patch.deltas)} K/V matrices edited)")
+                  f"({len(patch.tensors())} K/V matrices edited)")
         with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets"):
             result = evaluate(pipe, [spec], patch=patch, seeds=seed_list)
         _write_run(result, output, True, f"erasekit demo: erasing '{label}' with UCE",

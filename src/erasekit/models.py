@@ -61,7 +61,10 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlogging
 
+    from transformers.utils import logging as tlogging
+
     dlogging.disable_progress_bar()  # "Loading pipeline components" would interleave with our output
+    tlogging.disable_progress_bar()  # and so would transformers' "Loading weights"
     src = resolve_model(model)
     kwargs: dict[str, Any] = {"torch_dtype": dtype or torch.float32}
     local = Path(src).is_dir()

@@ -18,8 +18,42 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ERASEKIT_CACHE", Path.home() / ".cache" / "erasekit")) / "images"
 
 
+def state_key(pipe: Any) -> str:
+    """Hash of everything in the pipeline, as it is now, that decides an image: every parameter and
+    buffer of every component that generation runs (UNet, text encoders, VAE: not only what
+    methods edit, so a fine-tuned UNet never meets the base model's images), the tokenizers,
+    the hook edits on its stack, device and dtype, and the versions of erasekit, diffusers and
+    torch. Costs one pass over the weights (about a second per GB)."""
+    import diffusers
+    import torch
+
+    from .. import __version__
+    from ..edits import applied
+
+    h = hashlib.sha256(json.dumps({"erasekit": __version__, "diffusers": diffusers.__version__,
+                                   "torch": torch.__version__, "class": type(pipe).__name__}).encode())
+    for name, comp in sorted(getattr(pipe, "components", {}).items()):
+        if isinstance(comp, torch.nn.Module):
+            for pname, t in [*comp.named_parameters(), *comp.named_buffers()]:
+                h.update(f"{name}.{pname}:{t.device}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif comp is not None and hasattr(comp, "get_vocab"):  # a tokenizer
+            h.update(f"{name}:{json.dumps(comp.get_vocab(), sort_keys=True)}:{comp.model_max_length}".encode())
+    for edit, _ in applied(pipe):
+        if edit.kind == "hook":  # weight and LoRA edits are in the weights already
+            h.update(f"hook:{edit.digest}".encode())
+    return h.hexdigest()
+
+
+def edits_key(state: str, edits: list[Any]) -> str:
+    """The state key of ``state`` with ``edits`` applied on top, without hashing the weights again."""
+    if not edits:
+        return state
+    return hashlib.sha256(f"{state}+{'+'.join(f'{e.kind}:{e.digest}' for e in edits)}".encode()).hexdigest()
+
+
 class ImageCache:
-    """PNG files named by the hash of (model fingerprint, patch digest, prompt, seed, sampling)."""
+    """PNG files named by the hash of (pipeline state, prompt or its embeddings, seed, sampling)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
@@ -28,9 +62,9 @@ class ImageCache:
         self.misses = 0
 
     @staticmethod
-    def key(fingerprint: str, patch: str, prompt: str, seed: int, sampling: dict[str, Any]) -> str:
-        blob = json.dumps({"m": fingerprint, "p": patch, "t": prompt, "s": int(seed), "x": sampling},
-                          sort_keys=True).encode()
+    def key(state: str, prompt: str, seed: int, sampling: dict[str, Any]) -> str:
+        """``state`` from :func:`state_key`; ``prompt`` the text or :meth:`PromptSet.key`."""
+        blob = json.dumps({"m": state, "t": prompt, "s": int(seed), "x": sampling}, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def path(self, key: str) -> Path:

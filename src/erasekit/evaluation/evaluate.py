@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,9 +14,10 @@ import torch
 from .. import __version__
 from ..adapters import get_adapter
 from ..concepts import ConceptSpec, make_concepts
-from ..edits import WeightDelta
+from ..adapters import Encoded
+from ..edits import Edit
 from ..errors import InvalidInputError
-from .cache import ImageCache
+from .cache import ImageCache, edits_key, state_key
 from .judges import Judge, get_judge
 from .prompts import PromptSet
 from .metrics.fidelity import check_features
@@ -76,28 +77,68 @@ def _sampling(pipe: Any, overrides: dict[str, Any] | None) -> dict[str, Any]:
     s = dict(sampling_defaults(getattr(pipe, "erasekit_source", "") or ""))
     s.update(overrides or {})
     s["scheduler"] = type(pipe.scheduler).__name__
+    config = getattr(pipe.scheduler, "config", None)
+    if config is not None:
+        s["scheduler_config"] = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         s["height"] = s.get("height") or unet.config.sample_size * pipe.vae_scale_factor
     return s
 
 
-def generate_cached(pipe: Any, prompts: list[str], seeds: list[int], sampling: dict[str, Any], cache: ImageCache,
-                    fingerprint: str, patch_key: str, batch_size: int = 64) -> np.ndarray:
-    """uint8 images (N, H, W, 3), one per (prompt, seed); cached ones are not regenerated."""
-    keys = [cache.key(fingerprint, patch_key, p, s, sampling) for p, s in zip(prompts, seeds)]
+def _sampler(pipe: Any) -> Callable[[list[str] | Encoded, list[torch.Generator], dict[str, Any]], np.ndarray]:
+    """A function (prompts or their encodings, generators, sampling) -> float images (N, H, W, 3).
+
+    Supported pipelines sample through the adapter's loop (so hook edits act); a stand-in that
+    states ``erasekit_fingerprint`` is called like a diffusers pipeline (text prompts only)."""
+    if getattr(pipe, "erasekit_fingerprint", None):
+        def call(prompts: list[str] | Encoded, gens: list[torch.Generator], s: dict[str, Any]) -> np.ndarray:
+            if isinstance(prompts, Encoded):
+                raise InvalidInputError("this generator takes text prompts only; pass prompt sets without embeddings")
+            return pipe(prompts, generator=gens, num_inference_steps=s["num_inference_steps"],
+                        guidance_scale=s["guidance_scale"], output_type="np").images
+        return call
+    adapter = get_adapter(pipe)
+    return lambda prompts, gens, s: adapter.sample(prompts, gens, s["num_inference_steps"], s["guidance_scale"])
+
+
+def generate_cached(pipe: Any, ps: PromptSet, seeds: list[int], sampling: dict[str, Any], cache: ImageCache,
+                    state: str, batch_size: int = 64) -> np.ndarray:
+    """uint8 images (N, H, W, 3), one per (prompt, seed), from the pipeline as it is now (``state`` is its
+    :func:`~erasekit.evaluation.cache.state_key`); cached ones are not regenerated."""
+    keys = [cache.key(state, ps.key(i), s, sampling) for i, s in enumerate(seeds)]
     out: list[np.ndarray | None] = [cache.get(k) for k in keys]
     todo = [i for i, im in enumerate(out) if im is None]
+    run = _sampler(pipe)
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
         gens = [torch.Generator().manual_seed(int(seeds[i])) for i in idx]
-        res = pipe([prompts[i] for i in idx], generator=gens, num_inference_steps=sampling["num_inference_steps"],
-                   guidance_scale=sampling["guidance_scale"], output_type="np").images
+        cond = ps.embeddings.index(idx) if ps.embeddings is not None else [ps.prompts[i] for i in idx]
+        res = run(cond, gens, sampling)
         for j, i in enumerate(idx):
             img = np.round(np.clip(res[j], 0, 1) * 255).astype(np.uint8)
             cache.put(keys[i], img)  # written as soon as made: an interrupted run keeps them
             out[i] = img
     return np.stack(out)  # type: ignore[arg-type]
+
+
+def _check_prompt_sets(sets: Mapping[str, Mapping[str, PromptSet]] | None, specs: list[ConceptSpec],
+                       n: int) -> dict[str, Mapping[str, PromptSet]]:
+    """Prompt sets from outside, checked: known concepts, a target set, one prompt per seed."""
+    if not sets:
+        return {}
+    targets = {s.target for s in specs}
+    for concept, by_name in sets.items():
+        if concept not in targets:
+            raise InvalidInputError(f"prompt sets are given for {concept!r}, which is not among the concepts "
+                                    f"evaluated ({', '.join(sorted(targets))})")
+        if "target" not in by_name:
+            raise InvalidInputError(f"the prompt sets for {concept!r} have no 'target' set; efficacy needs one")
+        for name, ps in by_name.items():
+            if len(ps) != n:
+                raise InvalidInputError(f"prompt set {name!r} of {concept!r} has {len(ps)} prompts for {n} seeds; "
+                                        "give one prompt per seed")
+    return dict(sets)
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -120,17 +161,25 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
     return out
 
 
-def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], patch: WeightDelta | list[WeightDelta] | None = None,
-             seeds: Iterable[int] = range(64), judge: Judge | str | None = None, cache: ImageCache | str | Path | None = None,
+def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec],
+             patch: Edit | Sequence[Edit] | None = None, seeds: Iterable[int] = range(64),
+             judge: Judge | str | None = None, cache: ImageCache | str | Path | None = None,
              sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True,
-             fid_features: str = "judge") -> EvalResult:
-    """Measure what ``patch`` does to ``concepts`` on ``pipe`` (unpatched vs patched, same seeds).
+             fid_features: str = "judge",
+             prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None) -> EvalResult:
+    """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
+    ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
     Metrics per concept, each with a bootstrap 95% interval: efficacy (detection of the target
     on prompts asking for it), generality (on unseen synonyms), specificity on neighbours and on
     unrelated axes (and their drop against the unpatched model), MACE's harmonic score,
     fidelity to the original (judge-feature distance per seed, FID/KID in the judge's features
     or, with ``fid_features="inception"``, torchmetrics' Inception features), and cost.
+
+    ``prompt_sets`` replaces the judge's prompt sets for the concepts it names (by target):
+    ``{"star": {"target": PromptSet(...), ...}}``, one prompt per seed; a set may carry prompt
+    embeddings (an attack's output) that are generated from instead of its text. A "target"
+    set is required; the other sets are scored where given.
     """
     t0 = time.perf_counter()
     check_features(fid_features)
@@ -138,31 +187,34 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
-    patches = [] if patch is None else ([patch] if isinstance(patch, WeightDelta) else list(patch))
+    patches = [] if patch is None else ([patch] if isinstance(patch, Edit) else list(patch))
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
+    given = _check_prompt_sets(prompt_sets, specs, len(seeds))
     # a custom generator that is not a supported pipeline may state its own fingerprint
-    fingerprint = getattr(pipe, "erasekit_fingerprint", None) or get_adapter(pipe).fingerprint()
-    for p in patches:  # refuse a patch for another model before generating anything
-        p._check(pipe, force)
+    custom = getattr(pipe, "erasekit_fingerprint", None)
+    for p in patches:  # refuse an edit for another model before generating anything
+        p.check(pipe, force)
+    state = custom or state_key(pipe)
+    patched_state = edits_key(state, patches)
     patch_key = "+".join(p.digest for p in patches) or "none"
     samp = _sampling(pipe, sampling)
     hits0, miss0 = cache.hits, cache.misses
     results = []
     t_gen = 0.0
     for spec, axis, label in resolved:
-        sets = judge.prompt_sets(spec, axis, label, len(seeds))
+        sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, len(seeds)))
         imgs: dict[str, dict[str, np.ndarray]] = {}
         tg = time.perf_counter()
         for name, ps in sets.items():
-            imgs[name] = {"original": generate_cached(pipe, list(ps.prompts), seeds, samp, cache, fingerprint, "none")}
+            imgs[name] = {"original": generate_cached(pipe, ps, seeds, samp, cache, state)}
         applied = []
         try:
             for p in patches:
                 applied.append(p.apply(pipe, force=force))
             for name, ps in sets.items():
-                imgs[name]["patched"] = generate_cached(pipe, list(ps.prompts), seeds, samp, cache, fingerprint, patch_key)
+                imgs[name]["patched"] = generate_cached(pipe, ps, seeds, samp, cache, patched_state)
         finally:
             for p in reversed(applied):
                 p.revert(pipe)
@@ -187,12 +239,15 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
             m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
                                                  for v in both}}))
         m.update(harmonic_scores(m))
-        m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in parts]),
-                          np.concatenate([imgs[p]["patched"] for p in parts]), fid_features))
+        kept = list(parts) or ["target"]  # fidelity on the prompts that should not change, where there are any
+        m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in kept]),
+                          np.concatenate([imgs[p]["patched"] for p in kept]), fid_features))
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
                                      {k: list(v.prompts) for k, v in sets.items()}))
     cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
     settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
-                "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": fingerprint,
+                "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": custom or
+                get_adapter(pipe).fingerprint(), "state_key": state, "edits": [
+                    {"method": p.method, "kind": p.kind, "digest": p.digest} for p in patches],
                 "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features, "bootstrap": {"resamples": 2000, "level": 0.95}}
     return EvalResult(results, settings, cost)

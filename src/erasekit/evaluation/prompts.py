@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+
+from ..adapters import Encoded
 from ..concepts import ConceptSpec
 from ..errors import InvalidInputError
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Prompts with the label each one asks for on every axis (``None`` = not asked)."""
+    """Prompts with the label each one asks for on every axis (``None`` = not asked).
+
+    ``embeddings``, when given, are what is generated from (one row per prompt: an attack's
+    learned prompt embeddings, say); ``prompts`` then only describe them in reports.
+    """
 
     name: str
     prompts: tuple[str, ...]
     labels: tuple[dict[str, str], ...]
+    embeddings: Encoded | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.prompts):
+            raise InvalidInputError(f"prompt set {self.name!r} has {len(self.prompts)} prompts but "
+                                    f"{len(self.labels)} labels; give one label dict per prompt")
+        if self.embeddings is not None and len(self.embeddings) != len(self.prompts):
+            raise InvalidInputError(f"prompt set {self.name!r} has {len(self.prompts)} prompts but "
+                                    f"{len(self.embeddings)} embeddings; give one per prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def key(self, i: int) -> str:
+        """What decides prompt ``i``'s conditioning: its text, or the digest of its embeddings."""
+        if self.embeddings is None:
+            return self.prompts[i]
+        h = hashlib.sha256(b"embeddings")
+        e = self.embeddings.index([i])
+        for t in (e.embeds, e.lengths, e.pooled):
+            if t is not None:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: int = 0) -> dict[str, PromptSet]:
