@@ -208,3 +208,15 @@ def test_training_helpers_round_trip(world_pipe):
     assert a.decode_latents(latents).shape == images.shape
     out = a.predict_noise(a.add_noise(latents, noise[:, :4], t), t, a.encode(PROMPTS), a.uncond(2), 2.0)
     assert out.shape == latents.shape
+
+
+def test_modules_by_role_partition_the_unet_and_name_components(any_pipe):
+    ad = get_adapter(any_pipe)
+    k, v, kv = ad.modules("cross_attn_k"), ad.modules("cross_attn_v"), ad.modules("cross_attn_kv")
+    assert k and v and set(kv) == set(k) | set(v) and not set(k) & set(v)
+    cross, rest = ad.modules("cross_attn"), ad.modules("unet_no_cross_attn")
+    assert set(kv) < set(cross) and not set(cross) & set(rest)
+    assert all(n.startswith("unet.") for n in [*cross, *rest])
+    assert all(n.split(".")[0] in ("text_encoder", "text_encoder_2") for n in ad.modules("text_encoder"))
+    with pytest.raises(InvalidInputError, match="unknown module role 'attn'"):
+        ad.modules("attn")

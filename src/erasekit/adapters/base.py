@@ -18,6 +18,8 @@ from ..errors import InvalidInputError
 #: module roles an adapter serves (``Adapter.modules(role)``)
 ROLES: dict[str, str] = {
     "cross_attn_kv": "key/value projections of the UNet's cross-attention (they read the text embeddings)",
+    "cross_attn_k": "key projections of the UNet's cross-attention",
+    "cross_attn_v": "value projections of the UNet's cross-attention",
     "cross_attn": "every linear layer of the UNet's cross-attention blocks (query, key, value, output)",
     "unet_no_cross_attn": "every linear and convolution layer of the UNet outside cross-attention",
     "text_encoder": "every linear layer and the token embedding of the text encoder(s)",

@@ -51,7 +51,8 @@ class SDAdapter:
         out: dict[str, torch.nn.Module] = {}
         for n, m in self.pipe.unet.named_modules():
             cross = ".attn2." in f".{n}."
-            if role == "cross_attn_kv" and cross and n.endswith(("to_k", "to_v")) and isinstance(m, torch.nn.Linear):
+            kv = {"cross_attn_kv": ("to_k", "to_v"), "cross_attn_k": ("to_k",), "cross_attn_v": ("to_v",)}.get(role)
+            if kv and cross and n.endswith(kv) and isinstance(m, torch.nn.Linear):
                 out[f"unet.{n}"] = m
             elif role == "cross_attn" and cross and isinstance(m, torch.nn.Linear):
                 out[f"unet.{n}"] = m

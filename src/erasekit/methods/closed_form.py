@@ -57,8 +57,7 @@ def select_layers(adapter: Any, edit: str) -> Layers:
     """The cross-attention key/value projections to edit, by full module name."""
     if edit not in ("k", "v", "kv"):
         raise InvalidInputError(f"edit must be k, v or kv (got {edit!r})")
-    keep = {"k": ("to_k",), "v": ("to_v",), "kv": ("to_k", "to_v")}[edit]
-    sel = {n: m for n, m in adapter.modules("cross_attn_kv").items() if n.endswith(keep)}
+    sel = adapter.modules({"k": "cross_attn_k", "v": "cross_attn_v", "kv": "cross_attn_kv"}[edit])
     if not sel:
         raise InvalidInputError("the model has no cross-attention key/value projections to edit")
     return sel  # type: ignore[return-value]

@@ -72,10 +72,7 @@ class MACE(ClosedFormMethod):
     def aligned_rows(self, adapter: Any, er: list[str], an: list[str], enc_e: Encoded,
                      enc_a: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """The concept prompts' rows at positions shared with their anchor prompts, and those anchor rows."""
-        tok = adapter.pipe.tokenizer if adapter.pipe.tokenizer is not None else adapter.pipe.tokenizer_2
-        max_len = tok.model_max_length
-        ids_e = tok(er, padding="max_length", max_length=max_len, truncation=True).input_ids
-        ids_a = tok(an, padding="max_length", max_length=max_len, truncation=True).input_ids
+        ids_e, ids_a = adapter.input_ids(er)[0].tolist(), adapter.input_ids(an)[0].tolist()
         cs, gs = [], []
         for i in range(len(er)):
             pos = aligned_positions(ids_e[i], ids_a[i], int(enc_e.lengths[i]), int(enc_a.lengths[i]),
