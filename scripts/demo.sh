@@ -4,4 +4,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
-erasekit demo "$@"
+erasekit demo --overwrite "$@"   # replaces only a run folder erasekit wrote itself

@@ -101,9 +101,9 @@ def test_train_settings_name_their_device_and_reproduce_command(monkeypatch):
     from erasekit.errors import ErasekitError
     from erasekit.world.train import TrainConfig, reproduce_command, resolve_device
 
-    assert reproduce_command(TrainConfig()) == "erasekit world train"
+    assert reproduce_command(TrainConfig()) == "erasekit world train -o world-model"
     cfg = apply_overrides(TrainConfig(seed=3), ["device=cuda", "compile=true", "unet_steps=50"])
-    assert reproduce_command(cfg) == ("erasekit world train --seed 3 --set unet_steps=50 --set compile=true "
+    assert reproduce_command(cfg) == ("erasekit world train -o world-model --seed 3 --set unet_steps=50 --set compile=true "
                                       "--set device=cuda")
     sets = reproduce_command(cfg).split(" --set ")[1:]  # the command's settings rebuild the same config
     assert apply_overrides(TrainConfig(seed=3), sets) == cfg
@@ -119,3 +119,18 @@ def test_world_train_refuses_a_missing_output_directory_before_training(tmp_path
     msg = _one_line_error(run("world", "train", "-o", str(tmp_path / "missing" / "wm")))
     assert "does not exist" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def test_world_train_never_writes_the_shipped_model_or_a_users_folder_unasked(tmp_path):
+    from erasekit.world.assets import model_path
+
+    shipped = sorted((p.name, p.stat().st_mtime_ns) for p in model_path().iterdir())
+    assert "-o DIR" in _one_line_error(run("world", "train"))
+    assert "-o DIR" in _one_line_error(run("world", "train", "-o", str(tmp_path / "a"), "--update-shipped"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert "already exists" in _one_line_error(run("world", "train", "-o", str(mine)))
+    assert "did not write" in _one_line_error(run("world", "train", "-o", str(mine), "--overwrite"))
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in model_path().iterdir()) == shipped

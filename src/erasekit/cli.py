@@ -95,14 +95,12 @@ def erase(
     """Fit an erasure method and write its edit folder (edit.json + edit.safetensors)."""
     from .concepts import load_concepts, make_concepts
     from .config import apply_overrides
-    from .io import check_parent
+    from .io import check_output
     from .methods import get_method
     from .models import load_pipeline
 
     try:
-        check_parent(output)
-        if output.exists() and not overwrite:
-            raise InvalidInputError(f"{output} already exists; remove it or pass --overwrite")
+        check_output(output, overwrite)
         specs = []
         if concepts_file is not None:
             specs += load_concepts(concepts_file, anchor=anchor, preserve=preserve)
@@ -139,15 +137,13 @@ def export(
     """Write a diffusers pipeline with the edits merged, or a LoRA edit as a diffusers LoRA file."""
     from .edits import export_lora, export_pipeline, load_edit
     from .edits.export import refuse_hooks
-    from .io import check_parent
+    from .io import check_output
     from .models import load_pipeline
 
     try:
         if format_ not in ("diffusers", "lora"):
             raise InvalidInputError(f"--format {format_!r}: choose diffusers or lora")
-        check_parent(output)
-        if output.exists() and not overwrite:
-            raise InvalidInputError(f"{output} already exists; remove it or pass --overwrite")
+        check_output(output, overwrite)
         edits = [load_edit(p) for p in patch]
         if format_ == "lora" and len(edits) != 1:
             raise InvalidInputError("--format lora writes one LoRA edit; pass a single --patch")
@@ -234,13 +230,11 @@ def eval_cmd(
     from .concepts import load_concepts, make_concepts
     from .edits import load_edit
     from .evaluation import evaluate, get_judge, parse_seeds
-    from .io import check_parent
+    from .io import check_output
     from .models import load_pipeline
 
     try:
-        check_parent(output)
-        if output.exists() and not overwrite:
-            raise InvalidInputError(f"run folder {output} already exists; choose another or pass --overwrite")
+        check_output(output, overwrite)
         seed_list = parse_seeds(seeds)
         specs = (load_concepts(concepts_file) if concepts_file else []) + (make_concepts(concept) if concept else [])
         if not specs:
@@ -271,18 +265,20 @@ def demo(
     concept: str = typer.Option("star", "--concept", help="World concept to erase: a shape, colour, texture or "
                                 "background of the embedded world."),
     seeds: str = typer.Option("0-47", "--seeds", help="Seeds per prompt set."),
-    output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder (replaced on each run)."),
+    output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run folder of an earlier demo "
+                                   "(only a folder erasekit wrote, holding nothing else)."),
 ) -> None:
     """Erase a concept from the embedded world with UCE, evaluate before/after, write a report."""
     from .api import erase as erase_fn
     from .concepts import ConceptSpec
     from .evaluation import evaluate, get_judge, parse_seeds
-    from .io import check_parent
+    from .io import check_output
     from .models import load_pipeline
     from .world.vocab import CONCEPTS, UCE_WORLD, erase_templates
 
     try:
-        check_parent(output)
+        check_output(output, overwrite)
         seed_list = parse_seeds(seeds)
         axis, label = get_judge().resolve(concept)
         t0 = time.time()
@@ -295,7 +291,7 @@ def demo(
                   f"({len(patch.tensors())} K/V matrices edited)")
         with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets"):
             result = evaluate(pipe, [spec], patch=patch, seeds=seed_list)
-        _write_run(result, output, True, f"erasekit demo: erasing '{label}' with UCE",
+        _write_run(result, output, overwrite, f"erasekit demo: erasing '{label}' with UCE",
                    extra=lambda d: patch.save(d / "patch"))
     except ErasekitError as e:
         _fail(e)
@@ -306,8 +302,11 @@ def demo(
 
 @world_app.command("train")
 def world_train(
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Pipeline folder to write (default: the shipped asset)."),
-    classifier_output: Optional[Path] = typer.Option(None, "--classifier-output", help="Classifier safetensors to write."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Pipeline folder to write (the judge goes "
+                                          "inside it as classifier.safetensors)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a world-model folder erasekit wrote."),
+    update_shipped: bool = typer.Option(False, "--update-shipped", help="Maintainers: replace the model and judge "
+                                        "shipped inside the installed package instead of writing -o."),
     seed: int = typer.Option(0, "--seed"),
     set_: list[str] = typer.Option([], "--set", help="Override a training setting, key=value (see TrainConfig)."),
 ) -> None:
@@ -317,15 +316,19 @@ def world_train(
     from .world.train import TrainConfig, train_world
 
     try:
+        if (output is None) == (not update_shipped):
+            raise InvalidInputError("name the folder to write with -o DIR (or, to replace the shipped model, "
+                                    "--update-shipped without -o)")
         cfg = apply_overrides(TrainConfig(seed=seed), set_)
-        dest = output or model_path()
-        cls_dest = classifier_output or (classifier_path() if output is None else dest.parent / "classifier.safetensors")
+        dest = model_path() if update_shipped else output
+        cls_dest = classifier_path() if update_shipped else None
         t0 = time.time()
         card = train_world(dest, cfg, log=lambda s: err.print(f"[{time.time() - t0:7.1f}s] {s}", highlight=False),
-                           classifier_out=cls_dest)
+                           classifier_out=cls_dest, overwrite=overwrite or update_shipped, owned=update_shipped)
     except ErasekitError as e:
         _fail(e)
-    out.print(f"wrote {dest} and {cls_dest} in {card['total_minutes']} min; fidelity {card['fidelity_canonical']}")
+    out.print(f"wrote {dest}{f' and {cls_dest}' if cls_dest else ''} in {card['total_minutes']} min; "
+              f"fidelity {card['fidelity_canonical']}")
 
 
 @world_app.command("info")

@@ -101,6 +101,21 @@ def make_concepts(concepts: str | ConceptSpec | Iterable[str | ConceptSpec], anc
     return out
 
 
+def _with_flags(d: dict[str, Any], anchor: str, preserve: Iterable[str] | str | None, path: Path) -> ConceptSpec:
+    """A file's concept entry with --anchor/--preserve applied where the entry gives none; an entry
+    that gives its own is not silently overridden: that is a one-line error."""
+    if not isinstance(d, dict):
+        raise InvalidInputError(f"concepts file {path}: each entry is a phrase or an object with a 'target'")
+    d = dict(d)
+    for key, flag in (("anchor", anchor), ("preserve", _tuple(preserve, "preserve"))):
+        if flag and d.get(key):
+            raise InvalidInputError(f"concepts file {path} gives its own {key} for {d.get('target')!r} and --{key} "
+                                    f"gives another; drop one of them")
+        if flag:
+            d[key] = flag
+    return ConceptSpec.from_dict(d)
+
+
 def load_concepts(path: str | Path, anchor: str = "", preserve: Iterable[str] | str | None = None) -> list[ConceptSpec]:
     """Read concepts from a file: ``.txt`` (one per line, ``#`` comments), ``.csv`` (header with
     a ``target`` column; optional ``anchor``, ``synonyms``, ``neighbours``, ``preserve`` with
@@ -122,17 +137,17 @@ def load_concepts(path: str | Path, anchor: str = "", preserve: Iterable[str] | 
         if not isinstance(data, list):
             raise InvalidInputError(f"concepts file {p} must hold a JSON list")
         for d in data:
-            items.append(ConceptSpec.from_dict({"anchor": anchor, **d}) if isinstance(d, dict) else d)
+            items.append(_with_flags(d, anchor, preserve, p) if isinstance(d, dict) else d)
     elif suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
         if rows and "target" not in rows[0]:
             raise InvalidInputError(f"concepts file {p} needs a 'target' column in its header")
         for r in rows:
-            d: dict[str, Any] = {"target": r["target"], "anchor": r.get("anchor") or anchor}
-            for k in ("synonyms", "neighbours", "preserve"):
+            d: dict[str, Any] = {"target": r["target"]}
+            for k in ("anchor", "synonyms", "neighbours", "preserve"):
                 if r.get(k):
-                    d[k] = [s for s in r[k].split(";")]
-            items.append(ConceptSpec(**d))
+                    d[k] = r[k] if k == "anchor" else [s for s in r[k].split(";")]
+            items.append(_with_flags(d, anchor, preserve, p))
     else:
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ def check_parent(path: str | Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it over ``path`` only on success."""
     p = check_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent or ".")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -36,18 +37,90 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; move it to ``path`` only on success."""
+#: the file by which erasekit recognises a folder it wrote itself, listing what it put there
+MARKER = ".erasekit-output"
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is a folder erasekit wrote and holds nothing else."""
+    marker = path / MARKER
+    if not path.is_dir() or not marker.is_file():
+        what = "a file" if path.is_file() else "a folder erasekit did not write"
+        raise OutputPathError(f"{path} exists and is {what}; erasekit replaces only its own output folders: "
+                              "choose another output path, or move it away yourself")
+    try:
+        owned = set(json.loads(marker.read_text()).get("files", []))
+    except (ValueError, AttributeError, OSError):
+        owned = set()
+    extra = sorted(e.name for e in path.iterdir() if e.name not in owned and e.name != MARKER)
+    if extra:
+        raise OutputPathError(f"{path} holds files erasekit did not write ({', '.join(extra[:3])}"
+                              f"{', ...' if len(extra) > 3 else ''}); choose another output path or move them away")
+
+
+def check_output(path: str | Path, overwrite: bool, owned: bool = False) -> Path:
+    """Check, before any work, that an output folder may be written: its parent exists, and it does
+    not exist or may be replaced (``overwrite``, and erasekit wrote it or the caller knows it is
+    erasekit's own: ``owned``, for the shipped assets)."""
     p = check_parent(path)
-    if p.exists() and not overwrite:
-        raise OutputPathError(f"{p} already exists; remove it or pass --overwrite")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or "."))
+    if p.exists():
+        if not overwrite:
+            raise OutputPathError(f"{p} already exists; choose another path, or pass --overwrite to replace an "
+                                  "output erasekit wrote")
+        if not owned:
+            check_replaceable(p)
+    return p
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; move it to ``path`` only on success.
+
+    An existing ``path`` is replaced only with ``overwrite`` and only if erasekit wrote it (its
+    marker file lists everything in it); the old folder is moved aside first and removed only after
+    the new one is in place, so a failure at any point leaves the previous output intact.
+    Temporary folders of an earlier run killed before it could clean up are removed first.
+    """
+    p = check_output(path, overwrite, owned)
+    clean_stale(p)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent or "."))
+    old: Path | None = None
     try:
         yield tmp
+        (tmp / MARKER).write_text(json.dumps({"files": sorted(e.name for e in tmp.iterdir())}) + "\n")
         if p.exists():
-            shutil.rmtree(p)
+            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".old.tmp", dir=p.parent or "."))
+            os.replace(p, old / p.name)
         os.replace(tmp, p)
     except BaseException:
+        if old is not None and not p.exists():
+            os.replace(old / p.name, p)  # put the previous output back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(path: Path) -> None:
+    """Remove temporary siblings of ``path`` left by runs whose process is gone (killed, power loss)."""
+    for t in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = t.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -43,10 +43,19 @@ def resolve_model(model: str | os.PathLike | None) -> str:
 
 def sampling_defaults(model_dir: str) -> dict[str, Any]:
     """Recommended steps/guidance: from the model's ``erasekit.json`` if it has one, else SD's."""
+    default = {"num_inference_steps": 50, "guidance_scale": 7.5}
     f = Path(model_dir) / "erasekit.json"
-    if f.is_file():
-        return dict(json.loads(f.read_text())["sampling"])
-    return {"num_inference_steps": 50, "guidance_scale": 7.5}
+    if not f.is_file():
+        return default
+    try:
+        sampling = json.loads(f.read_text()).get("sampling", default)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ModelLoadError(f"{f} is not a valid erasekit.json; fix it or delete it to use SD's sampling defaults") from None
+    ok = isinstance(sampling, dict) and isinstance(sampling.get("num_inference_steps", 50), int) and \
+        isinstance(sampling.get("guidance_scale", 7.5), (int, float))
+    if not ok:
+        raise ModelLoadError(f"{f}: 'sampling' must hold an integer num_inference_steps and a number guidance_scale")
+    return {**default, **sampling}
 
 
 def load_pipeline(model: str | os.PathLike | None = None, device: str | None = None, dtype: Any = None):
@@ -59,6 +68,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
     """
     import torch
     from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
     from diffusers.utils import logging as dlogging
 
     from transformers.utils import logging as tlogging
@@ -74,7 +84,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
             kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         pipe = DiffusionPipeline.from_pretrained(src, local_files_only=local or None, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:  # noqa: UP024 - diffusers raises both
+    except (OSError, ValueError, EnvironmentError, SafetensorError, RuntimeError, KeyError) as e:  # noqa: UP024
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "check the folder's files" if local else "check the id, your network, or HF_HUB_OFFLINE"
         raise ModelLoadError(f"could not load model {src}: {first[:200]}; {hint}") from None

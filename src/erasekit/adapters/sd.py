@@ -88,7 +88,9 @@ class SDAdapter:
     def encode(self, prompts: list[str], unique: bool = True) -> Encoded:
         """Encode prompts as the pipeline does; repeated prompts (e.g. the anchor "") are encoded once
         unless ``unique`` is False (then the batch goes through as the pipeline's own call sends it, which
-        gives its numbers bit for bit: a batch's shape can change the last float bit)."""
+        gives its numbers bit for bit: a batch's shape can change the last float bit). A prompt longer
+        than the text encoder's context is refused: the pipeline would silently cut it."""
+        self.check_length(prompts)
         if not unique:
             embeds, pooled = self._encode_unique(prompts)
             return Encoded(embeds, self._lengths(prompts), pooled)
@@ -98,6 +100,16 @@ class SDAdapter:
         embeds, pooled = self._encode_unique(distinct)
         return Encoded(embeds[idx.to(embeds.device)], self._lengths(prompts),
                        None if pooled is None else pooled[idx.to(pooled.device)])
+
+    def check_length(self, prompts: list[str]) -> None:
+        """One-line error for a prompt that does not fit the text encoder's context."""
+        for tok, _ in self._text_pairs():
+            limit = tok.model_max_length
+            over = tok(list(prompts), truncation=True, max_length=limit + 1).input_ids  # no "too long" warning
+            for p, ids in zip(prompts, over):
+                if len(ids) > limit:
+                    raise InvalidInputError(f"{p[:60]!r}{'...' if len(p) > 60 else ''} is longer than the {limit} "
+                                            "tokens the text encoder reads; shorten it")
 
     # ------------------------------------------------------------------ text conditioning
     def _text_pairs(self) -> list[tuple[Any, torch.nn.Module]]:

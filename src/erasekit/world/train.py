@@ -236,23 +236,30 @@ def device_name(device: str) -> str:
 
 
 def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print,
-                classifier_out: str | Path | None = None) -> dict:
-    """Train everything and write a diffusers pipeline folder to ``out_dir``; returns the card data."""
+                classifier_out: str | Path | None = None, overwrite: bool = False, owned: bool = False) -> dict:
+    """Train everything and write a diffusers pipeline folder to ``out_dir`` (the judge goes inside
+    it as ``classifier.safetensors`` unless ``classifier_out`` names another file); returns the card.
+
+    Nothing is written outside ``out_dir`` except ``classifier_out`` when given; ``out_dir`` is
+    written at the end, atomically, and replaces an existing folder only with ``overwrite`` and
+    only a folder erasekit wrote (or, with ``owned``, the shipped assets). Intermediate files (the judge, VAE, EMA checkpoints, probe
+    grids) live in a scratch folder that a failed run keeps and names in its log."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import tempfile
 
-    from ..io import atomic_dir, check_parent
+    from ..io import atomic_dir, check_output, check_parent
 
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     t_start = time.time()
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
-    classifier_out = Path(classifier_out) if classifier_out else out_dir.parent / "classifier.safetensors"
-    check_parent(out_dir)  # fail now, not after hours of training
-    check_parent(classifier_out)
+    check_output(out_dir, overwrite, owned)  # fail now, not after hours of training
+    if classifier_out is not None:
+        classifier_out = Path(classifier_out)
+        check_parent(classifier_out)
 
     # 1. the judge
     t0 = time.time()
@@ -270,8 +277,8 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
         p.requires_grad_(False)
     timings["classifier_s"] = time.time() - t0
     log(f"classifier accuracy {creport.accuracy} ece {creport.ece}")
-    save_classifier(classifier, classifier_out)  # kept even if a later stage fails
     work = Path(tempfile.mkdtemp(prefix="erasekit-train-"))
+    save_classifier(classifier, work / "classifier.safetensors")  # kept in the scratch folder if a later stage fails
 
     # 2. training pool (held-out combinations excluded) and the VAE
     t0 = time.time()
@@ -303,7 +310,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     timings["vae_s"] = time.time() - t0
     log(f"vae scaling {scaling:.4f}; classifier on reconstructions {vae_acc}")
     vae.save_pretrained(work / "vae")
-    log(f"saved the judge to {classifier_out} and the VAE to {work / 'vae'}")
+    log(f"saved the judge to {work / 'classifier.safetensors'} and the VAE to {work / 'vae'}")
     del pool
 
     # 3. UNet + text encoder
@@ -441,7 +448,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     }
     log(f"final fidelity {final}; synonyms {final_syn}")
     pipe.to("cpu")
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, owned=owned) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for cfg_file in tmp.glob("*/config.json"):  # a reused VAE remembers the scratch folder it came from
             conf = json.loads(cfg_file.read_text())
@@ -452,6 +459,13 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
                                                        "image_size": 32}, indent=2) + "\n")
         (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(card))
+        if classifier_out is None:
+            shutil.copyfile(work / "classifier.safetensors", tmp / "classifier.safetensors")
+    if classifier_out is not None:
+        from ..io import atomic_path
+
+        with atomic_path(classifier_out) as tmp_file:
+            shutil.copyfile(work / "classifier.safetensors", tmp_file)
     shutil.rmtree(work, ignore_errors=True)
     return card
 
@@ -459,7 +473,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
 def reproduce_command(cfg: TrainConfig) -> str:
     """The CLI line that reruns this training: the non-default settings as ``--set key=value``."""
     default = TrainConfig()
-    parts = ["erasekit world train"] + ([f"--seed {cfg.seed}"] if cfg.seed != default.seed else [])
+    parts = ["erasekit world train -o world-model"] + ([f"--seed {cfg.seed}"] if cfg.seed != default.seed else [])
     for k, v in asdict(cfg).items():
         if k != "seed" and v != getattr(default, k):
             parts.append(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}")
