@@ -20,7 +20,7 @@ FAMILIES = {"sd": tiny_sd, "sdxl": tiny_sdxl}
 # (case id, method, overrides, edit kind): every registered method once, plus the LoRA kind as
 # UCE's delta factorised to rank 4 (the target's rows make the delta rank <= 4 here, so it is exact)
 # settings a method needs to act within the contract's 2-step sampling (e.g. a guard's warm-up in steps)
-TINY_OVERRIDES: dict[str, dict] = {}
+TINY_OVERRIDES: dict[str, dict] = {"sld": {"warmup": 0}}
 CASES = [(n, n, TINY_OVERRIDES.get(n, {}), get_method(n).edit_kind) for n in REGISTRY] + \
     [("uce-lora", "uce", {"lora_rank": 4}, "lora")]
 

@@ -11,10 +11,11 @@ from .mace import MACE
 from .negative_prompt import NegativePrompt
 from .realera import RealEra
 from .rece import RECE
+from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt, SLD]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -42,4 +43,4 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt"]
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD"]
