@@ -148,13 +148,15 @@ def fidelity_prompts(n: int, seed: int, synonyms: bool = False) -> list[tuple[st
 def generate_images(pipe, prompts: list[str], seeds: list[int], batch_size: int = 64,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
     """Images in [-1, 1], (N, 3, H, W), one per (prompt, seed), batched."""
+    from ..adapters import get_adapter
+
     steps = num_inference_steps or SAMPLING_DEFAULTS["num_inference_steps"]
     g = SAMPLING_DEFAULTS["guidance_scale"] if guidance_scale is None else guidance_scale
     outs = []
     for i in range(0, len(prompts), batch_size):
         ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(int(s)) for s in ss]
-        img = pipe(ps, generator=gens, num_inference_steps=steps, guidance_scale=g, output_type="pt").images
+        img = get_adapter(pipe).sample(ps, gens, steps, g, output_type="pt")  # erasekit's loop: applied edits act
         outs.append(img.cpu() * 2 - 1)
     return torch.cat(outs)
 
