@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInstructPix2PixPipeline
 from safetensors.torch import save_file
 
 import erasekit
@@ -88,7 +88,8 @@ def test_edit_folder_errors_are_one_line(sd, tmp_path):
 
 def test_unclaimed_pipelines_get_one_line_naming_the_families(sd):
     img2img = StableDiffusionImg2ImgPipeline(**sd.components)
-    for pipe in (img2img, object()):
+    pix2pix = StableDiffusionInstructPix2PixPipeline(**sd.components)
+    for pipe in (img2img, pix2pix, object()):
         with pytest.raises(InvalidInputError, match="not a supported pipeline; erasekit serves SDXL, Stable Diffusion"):
             erasekit.erase(pipe, "star", method="uce")
 
@@ -133,3 +134,40 @@ def test_cache_key_covers_every_weight_generation_reads_and_hook_edits(sd, tmp_p
     finally:
         with torch.no_grad():
             sd.vae.decoder.conv_out.bias.sub_(0.1)
+
+
+def test_hook_edits_of_different_concepts_differ_and_format_1_token_all_is_renamed(sd, tmp_path):
+    a = erasekit.erase(sd, "star", method="negative-prompt")
+    b = erasekit.erase(sd, "circle", method="negative-prompt")
+    assert a.digest != b.digest  # their image-cache keys differ too
+    uce = erasekit.erase(sd, "star", method="uce", token="from_last")
+    old = WeightDelta(uce.deltas, {**uce.manifest, "config": {**uce.manifest["config"], "token": "all"}})
+    write_format_1(old, tmp_path / "old")
+    loaded = load_edit(tmp_path / "old")
+    assert loaded.manifest["config"]["token"] == "from_last" and loaded.manifest["migrated_from_format"] == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"templates": ()}, "templates is empty"),
+    ({"templates": ("a photo",)}, "has no {} where the phrase goes"),
+    ({"lam": float("nan")}, "lam is NaN"),
+    ({"lam": -1.0}, "out of range: it must be at least 0.0"),
+    ({"lam": "x"}, "should be float, not str"),
+    ({"lora_rank": 1.5}, "should be int, not float"),
+    ({"edit": "q"}, "one of k, v, kv"),
+])
+def test_settings_are_checked_in_one_line(sd, kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        erasekit.erase(sd, "star", method="uce", **kwargs)
+
+
+def test_public_api_type_errors_are_one_line(sd, tmp_path):
+    edit = erasekit.erase(sd, "star", method="uce")
+    with pytest.raises(PatchError, match="is a path"):
+        load_edit(None)
+    with pytest.raises(erasekit.ErasekitError, match="not int"):
+        erasekit.evaluate(sd, "star", patch=3, seeds=[0])
+    with pytest.raises(PatchError, match="not a LoRA"):
+        erasekit.export_lora(sd, [edit], tmp_path / "x")
+    erasekit.export_pipeline(sd, edit, tmp_path / "y")  # one edit, not in a list, is fine
+    assert (tmp_path / "y" / "model_index.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -41,16 +42,41 @@ def _parse(value: str, typ: Any, key: str) -> Any:
 def check_config(cfg: Any) -> None:
     """Range-check a config against its fields' metadata (``min``, ``max``, ``above`` = strict
     lower bound, ``choices``); a violation is a one-line error naming the setting."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         v, meta = getattr(cfg, f.name), f.metadata
         if v is None:
             continue
+        _check_type(f.name, v, hints.get(f.name))
+        if isinstance(v, float) and math.isnan(v):
+            raise InvalidInputError(f"setting {f.name} is NaN; give a number")
+        if "min_items" in meta and len(v) < meta["min_items"]:
+            raise InvalidInputError(f"setting {f.name} is empty; give at least {meta['min_items']} item(s)")
+        missing = [x for x in v if meta.get("each_contains", "") not in x] if "each_contains" in meta else []
+        if missing:
+            raise InvalidInputError(f"setting {f.name}: {missing[0]!r} has no {meta['each_contains']} where the "
+                                    "phrase goes; write e.g. 'a photo of {}'")
         bad = ("min" in meta and v < meta["min"] and f"at least {meta['min']}") or \
               ("above" in meta and v <= meta["above"] and f"above {meta['above']}") or \
               ("max" in meta and v > meta["max"] and f"at most {meta['max']}") or \
               ("choices" in meta and v not in meta["choices"] and f"one of {', '.join(map(str, meta['choices']))}")
         if bad:
             raise InvalidInputError(f"setting {f.name}={v!r} is out of range: it must be {bad}")
+
+
+def _check_type(name: str, value: Any, typ: Any) -> None:
+    """One line for a value of the wrong type (an int stands for a float; a list for a tuple)."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        typ = next((a for a in args if a is not type(None)), typ)
+    base = typing.get_origin(typ) or typ
+    if not isinstance(base, type):
+        return
+    ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    ok = ok or (base is float and isinstance(value, int) and not isinstance(value, bool)) or \
+        (base is tuple and isinstance(value, list))
+    if not ok:
+        raise InvalidInputError(f"setting {name}={value!r} should be {base.__name__}, not {type(value).__name__}")
 
 
 def apply_overrides(cfg: T, pairs: list[str]) -> T:

@@ -14,15 +14,17 @@ from .sdxl import SDXLAdapter
 
 
 def _is_sdxl(pipe: Any) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "unet", None) is not None and \
-        "Img2Img" not in type(pipe).__name__ and "Inpaint" not in type(pipe).__name__
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
 
 
 def _is_sd(pipe: Any) -> bool:
-    name = type(pipe).__name__
-    return (getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder", None) is not None
-            and getattr(pipe, "tokenizer", None) is not None and getattr(pipe, "vae", None) is not None
-            and getattr(pipe, "text_encoder_2", None) is None and "Img2Img" not in name and "Inpaint" not in name)
+    """Text-to-image Stable Diffusion 1.x/2.x: the pipeline class or a subclass of it (image-to-image,
+    inpainting, depth, pix2pix and upscaling pipelines share its components but not its sampling)."""
+    from diffusers import StableDiffusionPipeline
+
+    return isinstance(pipe, StableDiffusionPipeline)
 
 
 register_family("sdxl", _is_sdxl, SDXLAdapter)

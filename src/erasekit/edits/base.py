@@ -49,8 +49,11 @@ def canonical(d: dict[str, Any]) -> bytes:
 
 def tensor_digest(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:
     for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu")
         h.update(k.encode())
-        h.update(tensors[k].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if t.dtype != torch.float32:  # float32 tensors hash as in 0.1, so old patches keep their digests
+            h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def applied(pipe: Any) -> list[tuple["Edit", Undo]]:
@@ -123,7 +126,7 @@ class Edit:
 
     def _digest_into(self, h: "hashlib._Hash") -> None:
         h.update(self.kind.encode())
-        h.update(canonical({"method": self.method, "config": self.manifest.get("config", {})}))
+        h.update(canonical({k: self.manifest.get(k) for k in ("method", "config", "concepts", "hook")}))
         tensor_digest(h, self.tensors())
 
     def tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -194,7 +197,7 @@ class Edit:
         from ..io import atomic_dir
 
         with atomic_dir(folder, overwrite=overwrite) as tmp:
-            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors().items()}
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
             save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt", "erasekit": self.kind})
             manifest = {k: v for k, v in self.manifest.items()
                         if k not in ("manifest_sha256", "files", "tensors_sha256", "format_version")}
@@ -254,8 +257,20 @@ def _load_tensors(path: Path, want_sha: str | None) -> dict[str, torch.Tensor]:
         raise PatchError(f"{path} cannot be read ({e}); re-create the edit") from None
 
 
+def _migrate_format_1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """0.1's UCE token policy 'all' is what is now called 'from_last' ('all' became the original
+    script's policy): rename it, so that refitting from the recorded config gives the same edit."""
+    cfg = dict(manifest.get("config") or {})
+    for key in ("token", "uce_token"):
+        if cfg.get(key) == "all":
+            cfg[key] = "from_last"
+    return {**manifest, "config": cfg, "migrated_from_format": 1}
+
+
 def load_edit(folder: str | Path) -> Edit:
     """Read an edit folder of any kind (format 2, or a format-1 patch folder), verifying every hash."""
+    if not isinstance(folder, (str, Path)):
+        raise PatchError(f"an edit folder is a path, not {type(folder).__name__}; pass the -o folder of `erasekit erase`")
     folder = Path(folder)
     if folder.is_file():
         raise PatchError(f"{folder} is a file, not an edit folder; pass the -o folder of `erasekit erase`")
@@ -274,5 +289,5 @@ def load_edit(folder: str | Path) -> Edit:
         if manifest.get("format_version") != 1 or manifest.get("kind") != "weight_delta":
             raise PatchError(f"{folder} is a patch format this erasekit cannot read; upgrade erasekit")
         tensors = _load_tensors(folder / LEGACY_TENSORS, manifest.get("tensors_sha256"))
-        return KINDS["weight_delta"].from_tensors(tensors, manifest)
+        return KINDS["weight_delta"].from_tensors(tensors, _migrate_format_1(manifest))
     raise PatchError(f"{folder / MANIFEST_FILE} is missing; an edit folder holds {MANIFEST_FILE} and {TENSORS_FILE}")

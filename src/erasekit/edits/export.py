@@ -22,11 +22,14 @@ def refuse_hooks(edits: list[Edit], what: str) -> None:
                              f"and cannot be exported as {what}; apply it at generation time with --patch instead")
 
 
-def export_pipeline(pipe: Any, edits: list[Edit], out_dir: str | Path, overwrite: bool = False,
+def export_pipeline(pipe: Any, edits: Edit | list[Edit], out_dir: str | Path, overwrite: bool = False,
                     force: bool = False) -> Path:
     """Write a full diffusers pipeline with weight and LoRA ``edits`` merged; loadable by ``from_pretrained``."""
     from ..io import atomic_dir
 
+    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    if not all(isinstance(e, Edit) for e in edits):
+        raise PatchError("export takes edits (from erasekit.erase or erasekit.load_edit)")
     refuse_hooks(edits, "a pipeline")
     applied: list[Edit] = []
     try:
@@ -53,6 +56,10 @@ def export_lora(pipe: Any, edit: Edit, out_dir: str | Path, overwrite: bool = Fa
     default ``lora_alpha = r`` and gives exactly the merged weights of ``edit``."""
     from ..io import atomic_dir
 
+    if isinstance(edit, (list, tuple)) and len(edit) == 1:
+        edit = edit[0]
+    if not isinstance(edit, Edit):
+        raise PatchError("export_lora takes one edit (from erasekit.erase or erasekit.load_edit)")
     refuse_hooks([edit], "a LoRA file")
     if not isinstance(edit, LoraEdit):
         raise PatchError(f"the {edit.method} edit is a {edit.kind}, not a LoRA; export it as a pipeline "

@@ -1,6 +1,8 @@
 """``hook``: an edit that changes how the pipeline encodes or denoises, not its weights.
 
-A hook edit carries its method's name, config and tensors; the method turns them into
+A hook edit carries its method's name, config, concepts, tensors and ``manifest["hook"]`` (what
+else its method computed at fit time, e.g. the negative prompt); its digest covers all of them.
+The method turns them into
 :class:`~erasekit.adapters.sampling.Hook` objects (embedding transforms, guidance terms, module
 activation edits) that erasekit's sampling loop runs. Applying one only pushes it onto the
 pipeline's edit stack: the loop registers its module hooks for the duration of one sampling call

@@ -21,9 +21,10 @@ def default_cache_dir() -> Path:
 def state_key(pipe: Any) -> str:
     """Hash of everything in the pipeline, as it is now, that decides an image: every parameter and
     buffer of every component that generation runs (UNet, text encoders, VAE: not only what
-    methods edit, so a fine-tuned UNet never meets the base model's images), the tokenizers,
-    the hook edits on its stack, device and dtype, and the versions of erasekit, diffusers and
-    torch. Costs one pass over the weights (about a second per GB)."""
+    methods edit, so a fine-tuned UNet never meets the base model's images), attention
+    processors and adapter/FreeU settings, the tokenizers, the hook edits on its stack, device
+    and dtype, and the versions of erasekit, diffusers and torch. Costs one pass over the weights
+    (about a second per GB)."""
     import diffusers
     import torch
 
@@ -37,12 +38,32 @@ def state_key(pipe: Any) -> str:
             for pname, t in [*comp.named_parameters(), *comp.named_buffers()]:
                 h.update(f"{name}.{pname}:{t.device}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(json.dumps(_module_state(comp), sort_keys=True, default=repr).encode())
         elif comp is not None and hasattr(comp, "get_vocab"):  # a tokenizer
             h.update(f"{name}:{json.dumps(comp.get_vocab(), sort_keys=True)}:{comp.model_max_length}".encode())
     for edit, _ in applied(pipe):
         if edit.kind == "hook":  # weight and LoRA edits are in the weights already
             h.update(f"hook:{edit.digest}".encode())
     return h.hexdigest()
+
+
+#: module attributes that change outputs without being weights: peft adapter scales and switches,
+#: FreeU's factors, attention scales
+_STATE_ATTRS = ("scaling", "active_adapter", "merged_adapters", "_disable_adapters", "b1", "b2", "s1", "s2", "scale")
+
+
+def _module_state(module: Any) -> dict[str, Any]:
+    """What, beside weights, decides a module's output: each attention processor's class and the
+    plain attributes above, by submodule name."""
+    out: dict[str, Any] = {}
+    for n, m in module.named_modules():
+        proc = getattr(m, "processor", None)
+        attrs = {k: v for k in _STATE_ATTRS if isinstance(v := getattr(m, k, None), (int, float, str, bool, dict, list))}
+        if proc is not None:
+            attrs["processor"] = type(proc).__qualname__
+        if attrs:
+            out[n] = attrs
+    return out
 
 
 def edits_key(state: str, edits: list[Any]) -> str:

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..adapters import get_adapter
+from ..adapters import Encoded, get_adapter
 from ..concepts import ConceptSpec, make_concepts
-from ..adapters import Encoded
-from ..edits import Edit
+from ..edits import Edit, load_edit
 from ..errors import InvalidInputError
 from .cache import ImageCache, edits_key, state_key
 from .judges import Judge, get_judge
@@ -122,6 +121,31 @@ def generate_cached(pipe: Any, ps: PromptSet, seeds: list[int], sampling: dict[s
     return np.stack(out)  # type: ignore[arg-type]
 
 
+def _edits(patch: Any) -> list[Edit]:
+    """An edit, an edit folder, or a list of either, as a list of edits."""
+    single = patch is None or isinstance(patch, (Edit, str, Path)) or not isinstance(patch, (list, tuple))
+    items = ([] if patch is None else [patch]) if single else list(patch)
+    out = [load_edit(p) if isinstance(p, (str, Path)) else p for p in items]
+    bad = [type(p).__name__ for p in out if not isinstance(p, Edit)]
+    if bad:
+        raise InvalidInputError(f"patch must be an edit, an edit folder or a list of them, not {bad[0]}")
+    return out
+
+
+def _check_labels(ps: PromptSet, judge: Judge, axis: str) -> None:
+    """Every label of a prompt set from outside names the concept's axis, with values the judge knows."""
+    names = judge.axes()
+    for lab in ps.labels:
+        if not isinstance(lab, dict) or axis not in lab:
+            raise InvalidInputError(f"prompt set {ps.name!r}: each label must name the concept's axis {axis!r}, "
+                                    f"e.g. {{{axis!r}: {names[axis][0]!r}}}")
+        unknown = [f"{a}={v!r}" for a, v in lab.items() if a in names and v not in names[a]]
+        if unknown or any(a not in names for a in lab):
+            bad = unknown[0] if unknown else next(a for a in lab if a not in names)
+            raise InvalidInputError(f"prompt set {ps.name!r}: label {bad} is not one the judge reads; "
+                                    f"known axes: {', '.join(names)}")
+
+
 def _check_prompt_sets(sets: Mapping[str, Mapping[str, PromptSet]] | None, specs: list[ConceptSpec],
                        n: int) -> dict[str, Mapping[str, PromptSet]]:
     """Prompt sets from outside, checked: known concepts, a target set, one prompt per seed."""
@@ -187,13 +211,19 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
-    patches = [] if patch is None else ([patch] if isinstance(patch, Edit) else list(patch))
+    patches = _edits(patch)
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
     given = _check_prompt_sets(prompt_sets, specs, len(seeds))
+    for spec, axis, _ in resolved:
+        for ps in (given.get(spec.target) or {}).values():
+            _check_labels(ps, judge, axis)
     # a custom generator that is not a supported pipeline may state its own fingerprint
     custom = getattr(pipe, "erasekit_fingerprint", None)
+    if custom and any(e.kind == "hook" for e in patches):
+        raise InvalidInputError("this generator is not a supported pipeline, so it cannot run hook edits; "
+                                "evaluate hook edits on a diffusers pipeline")
     for p in patches:  # refuse an edit for another model before generating anything
         p.check(pipe, force)
     state = custom or state_key(pipe)

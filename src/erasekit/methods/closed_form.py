@@ -34,7 +34,8 @@ class ClosedFormConfig:
     edit: str = field(default="kv", metadata={"help": "which projections to edit: k, v or kv",
                                               "choices": ("k", "v", "kv")})
     templates: tuple[str, ...] = field(default=("{}",), metadata={
-        "help": "prompt templates the target, anchor and preserve phrases are put into ({} = phrase)"})
+        "help": "prompt templates the target, anchor and preserve phrases are put into ({} = phrase)",
+        "min_items": 1, "each_contains": "{}"})
     lora_rank: int = field(default=0, metadata={
         "help": "0: a full weight-delta edit; r > 0: the delta's best rank-r approximation (truncated SVD) as a "
                 "LoRA edit, exportable as a diffusers LoRA file", "min": 0})
@@ -42,9 +43,9 @@ class ClosedFormConfig:
 
 @dataclass
 class Solution:
-    """New weights per layer (float64, full module names) and what the fit measured."""
+    """Each layer's weight change (float32, by full module name) and what the fit measured."""
 
-    weights: dict[str, torch.Tensor]
+    deltas: dict[str, torch.Tensor]
     residuals: dict[str, dict] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -147,11 +148,13 @@ class Timer:
 
 def solve_layers(layers: Layers, solve: Callable[[str, torch.Tensor], torch.Tensor],
                  moments: Moments | None = None) -> Solution:
-    """Run ``solve(name, W0_float64) -> W_new`` per layer, with each layer's residuals under ``moments``."""
+    """Run ``solve(name, W0_float64) -> W_new`` per layer, with each layer's residuals under ``moments``;
+    one layer's float64 weights are held at a time."""
     sol = Solution({})
-    for name, w0 in originals(layers).items():
+    for name, mod in layers.items():
+        w0 = mod.weight.detach().to("cpu", DTYPE)
         w = solve(name, w0)
-        sol.weights[name] = w
+        sol.deltas[name] = (w - w0).to(torch.float32)
         if moments is not None:
             sol.residuals[name] = {k: round(v, 6) for k, v in residuals(w, w0, moments).items()}
     return sol
@@ -171,9 +174,8 @@ class ClosedFormMethod(Method):
         adapter = get_adapter(adapter)
         timer = Timer()
         layers = select_layers(adapter, self.config.edit)
-        w0 = originals(layers)
         sol = self.solve(self.config, adapter, concepts, layers, timer)
-        deltas = {f"{n}.weight": (sol.weights[n] - w0[n]).to(torch.float32) for n in layers}
+        deltas = {f"{n}.weight": sol.deltas[n] for n in layers}
         manifest = {
             "method": self.name,
             "config": config_dict(self.config),

@@ -25,7 +25,8 @@ DEFAULT_TEMPLATES = ("{}", "a photo of a {}", "an image of a {}", "a picture of 
 @dataclass(frozen=True)
 class MACEConfig(ClosedFormConfig):
     templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES, metadata={
-        "help": "prompt templates pairing concept and anchor prompts (the paper augments with many)"})
+        "help": "prompt templates pairing concept and anchor prompts (the paper augments with many)",
+        "min_items": 1, "each_contains": "{}"})
     lam: float = field(default=0.1, metadata={"help": "ridge towards W0 (the paper uses 0 with a large "
                                                       "COCO preserve cache; without one it must be > 0)", "min": 0.0})
     preserve_scale: float = field(default=1.0, metadata={"help": "weight of the preserve prompts' rows", "min": 0.0})

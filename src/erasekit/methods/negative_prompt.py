@@ -64,9 +64,9 @@ class NegativePrompt(Method):
                                     f"{tok.model_max_length}; erase fewer concepts at once or drop synonyms "
                                     "(--set synonyms=false)")
         return HookEdit({}, {"method": self.name, "config": config_dict(self.config),
-                             "concepts": [c.to_dict() for c in concepts], "negative_prompt": prompt,
+                             "concepts": [c.to_dict() for c in concepts], "hook": {"negative_prompt": prompt},
                              "erasekit_version": __version__, "wall_time_s": round(time.perf_counter() - t0, 4)})
 
     @classmethod
     def make_hooks(cls, edit: Edit, adapter: Any) -> list[Hook]:
-        return [NegativePromptHook(str(edit.manifest["negative_prompt"]))]
+        return [NegativePromptHook(str(edit.manifest["hook"]["negative_prompt"]))]

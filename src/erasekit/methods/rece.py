@@ -72,7 +72,7 @@ class RECE(ClosedFormMethod):
         m_res.add_preserve(enc_p.last_subject().cpu())
         res = {n: {k: round(v, 6) for k, v in residuals(cur[n], w0[n], m_res).items()} for n in layers}
         timer.parts.update({f"uce_{k}": v for k, v in start.manifest["timings_s"].items()})
-        return Solution(cur, res, {"rounds": history})
+        return Solution({n: (cur[n] - w0[n]).to(torch.float32) for n in layers}, res, {"rounds": history})
 
     def round(self, cur: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], seq_c: torch.Tensor,
               seq_g: torch.Tensor, seq_p: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
