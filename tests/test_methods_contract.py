@@ -2,6 +2,7 @@
 pipelines, through the same steps (fit where it applies, save -> load bit-exact, apply -> revert
 exact, export). Tiny pipelines prove that code paths run; erasure quality is tested on the world."""
 
+import copy
 import json
 
 import numpy as np
@@ -105,10 +106,20 @@ def test_edit_contract(pipe, case, name, overrides, kind, tmp_path):
     else:
         erasekit.export_pipeline(pipe, [loaded], tmp_path / "x")
         merged = type(pipe).from_pretrained(tmp_path / "x")
+        if kind == "lora":  # and as a diffusers LoRA file, which diffusers' own loader fuses to the same weights
+            erasekit.export_lora(pipe, loaded, tmp_path / "l")
+            merged_lora = copy.deepcopy(pipe)  # the base pipeline, as plain diffusers would load it
+            merged_lora.load_lora_weights(str(tmp_path / "l"))
+            merged_lora.fuse_lora()
         for pname, delta in loaded.merged_deltas().items():
             comp, _, rest = pname.partition(".")
             want = getattr(pipe, comp).get_parameter(rest) + delta
             assert torch.allclose(getattr(merged, comp).get_parameter(rest), want, atol=1e-6), pname
+            if kind == "lora":
+                got = dict(getattr(merged_lora, comp).named_parameters())
+                key = rest.replace(".weight", ".base_layer.weight") if rest.replace(".weight", ".base_layer.weight") \
+                    in got else rest
+                assert torch.allclose(got[key], want, atol=1e-5), pname
         assert same_state(pipe, before)
 
 
