@@ -344,13 +344,32 @@ def world_info() -> None:
                                                "fidelity_synonyms", "classifier", "sampling")})
 
 
+#: click's error base class, wherever this typer takes click from (its own copy since typer 0.2x)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv``; returns the exit code. Usage errors (unknown option, a
+    value of the wrong type) are one line on stderr, like every other error."""
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="erasekit")
+    except _CLICK_ERROR as e:
+        ctx, msg = getattr(e, "ctx", None), " ".join(e.format_message().split()).rstrip(".")
+        if msg:  # no message: a bare group command, whose help was printed
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
     """Console entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: 
     if n < 1:
         raise InvalidInputError(f"image count must be at least 1 (got {n}); pass -n 1 or more")
     defaults: dict[str, Any] = sampling_defaults(getattr(pipe, "erasekit_source", ""))
-    steps = num_inference_steps or defaults["num_inference_steps"]
+    steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if steps < 1:
         raise InvalidInputError(f"steps must be at least 1 (got {steps})")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidInputError(f"guidance must be a number >= 0 (got {guidance})")
     adapter = get_adapter(pipe)
     images: list[Image.Image] = []
     for start in range(0, n, batch_size):
