@@ -116,3 +116,52 @@ def test_broken_model_folders_are_one_line(tmp_path):
         load_pipeline(str(bad), device="cpu")
     r = runner.invoke(app, ["generate", "a star", "--patch", str(unet_file), "-o", str(tmp_path / "g.png")])
     assert r.exit_code == 2 and "is a file, not an edit folder" in r.output
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import safetensors.torch
+
+    from erasekit.cli import run
+
+    out = tmp_path / "edit"
+    assert run(["erase", "-c", "star", "-o", str(out)]) == 0
+    before = snapshot(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    assert run(["erase", "-c", "heart", "-o", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not write") and "No space left" in err and len(err.splitlines()) == 1
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["edit"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_path, signal_name):
+    """Killed while the exported pipeline is being written: nothing where the output belongs (SIGINT
+    cleans its temporary folder at once, SIGKILL leaves a hidden one that the next run removes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    erasekit.erase(erasekit.load_pipeline(device="cpu"), "star", method="uce").save(tmp_path / "edit")
+    cmd = [sys.executable, "-c", "from erasekit.cli import main; main()", "export", "--patch", str(tmp_path / "edit"),
+           "-o", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    os.kill(proc.pid, getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out").exists()
+    if signal_name == "SIGINT":
+        assert not list(tmp_path.glob(".out.*"))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert (tmp_path / "out" / "model_index.json").is_file() and not list(tmp_path.glob(".out.*"))

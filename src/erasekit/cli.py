@@ -364,6 +364,11 @@ def run(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         return 130
+    except OSError as e:  # a full disk, a folder that went read-only: outputs are atomic, nothing is half-written
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}; free space or choose another "
+                  "output path (nothing was half-written)", highlight=False, soft_wrap=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 
