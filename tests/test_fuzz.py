@@ -77,6 +77,7 @@ CASES = [
     ["generate", "a star", "--patch", "sdxl-edit"], ["generate", "a star", "--model", "nope/dir/x"],
     ["generate", "a star", "--model", "pic.png"], ["generate", "a star", "--model", "../../../.."],
     ["generate", "a star", "--seed", "1e9x"], ["generate", LONG], ["generate", "a star", "--bogus"],
+    ["generate", "a star", "--seed", "9" * 30], ["generate", "\udce9toile"], ["generate", "a star", "-o", "\udce9.png"],
     # erase
     ["erase", "-o", "out"], ["erase", "-c", "", "-o", "out"], ["erase", "-c", "   ", "-o", "out"],
     ["erase", "-c", "star"], ["erase", "-c", "star", "--method", "zzz", "-o", "out"],
@@ -97,6 +98,9 @@ CASES = [
     ["export", "--patch", "edit", "--patch", "edit", "--format", "lora", "-o", "x"],
     # eval
     ["eval", "-c", "star", "-o", "run", "--seeds", ""], ["eval", "-c", "star", "-o", "run", "--seeds", "a-b"],
+    ["eval", "-c", "star", "-o", "run", "--seeds", "0-" + "9" * 20], ["eval", "-c", "\udce9toile", "-o", "run"],
+    ["erase", "-c", "\udce9toile", "-o", "out"], ["erase", "-c", "star", "-o", "\udce9"],
+    ["erase", "-c", "star", "--set", "templates=[bold]x", "-o", "out"],
     ["eval", "-c", "zebra", "-o", "run"], ["eval", "-o", "run"], ["eval", "-c", "star", "-o", "run", "--judge", "nope"],
     ["eval", "-c", "star", "-o", "run", "--judge-set", "x"],
     ["eval", "-c", "star", "-o", "run", "--fid-features", "pixels"],

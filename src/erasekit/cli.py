@@ -22,8 +22,16 @@ err = Console(stderr=True)
 out = Console()
 
 
+def _say_error(msg: str) -> None:
+    """One line on stderr; text a terminal cannot show (undecodable bytes) is escaped, not fatal."""
+    from rich.markup import escape
+
+    msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 def _fail(e: ErasekitError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    _say_error(str(e))
     raise typer.Exit(2)
 
 
@@ -357,7 +365,7 @@ def run(argv: list[str] | None = None) -> int:
         ctx, msg = getattr(e, "ctx", None), " ".join(e.format_message().split()).rstrip(".")
         if msg:  # no message: a bare group command, whose help was printed
             hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-            err.print(f"[bold red]error:[/] {msg}{hint}", highlight=False, soft_wrap=True)
+            _say_error(f"{msg}{hint}")
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
@@ -366,8 +374,8 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # a full disk, a folder that went read-only: outputs are atomic, nothing is half-written
         where = f" ({e.filename})" if e.filename else ""
-        err.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}; free space or choose another "
-                  "output path (nothing was half-written)", highlight=False, soft_wrap=True)
+        _say_error(f"could not write{where}: {e.strerror or e}; free space or choose another output path "
+                   "(nothing was half-written)")
         return 2
     return rv if isinstance(rv, int) else 0
 

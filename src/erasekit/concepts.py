@@ -12,10 +12,20 @@ from typing import Any, Iterable
 from .errors import InvalidInputError
 
 
-def _clean(text: Any, what: str) -> str:
+def check_text(text: Any, what: str) -> str:
+    """``text`` if it is text that can be encoded (no undecodable bytes from a shell); one line otherwise."""
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be text, got {type(text).__name__}")
-    return " ".join(text.split())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{what} holds bytes that are not UTF-8 text ({text!r}); check the terminal's "
+                                "encoding") from None
+    return text
+
+
+def _clean(text: Any, what: str) -> str:
+    return " ".join(check_text(text, what).split())
 
 
 def _tuple(items: Iterable[str] | str | None, what: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .concepts import check_text
 from .errors import InvalidInputError
 from .io import atomic_path, check_parent
 
@@ -29,6 +30,9 @@ def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: 
         raise InvalidInputError("the prompt is empty; pass the text to draw, e.g. \"a red circle\"")
     if n < 1:
         raise InvalidInputError(f"image count must be at least 1 (got {n}); pass -n 1 or more")
+    if not 0 <= seed <= 2**63 - n:
+        raise InvalidInputError(f"seed {seed} is out of range; seeds are 0..2**63-1 (image i uses seed + i)")
+    check_text(prompt, "the prompt")
     defaults: dict[str, Any] = sampling_defaults(getattr(pipe, "erasekit_source", ""))
     steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale

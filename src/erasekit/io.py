@@ -16,6 +16,10 @@ from .errors import OutputPathError
 def check_parent(path: str | Path) -> Path:
     """Return ``path`` as a Path after checking that its directory exists."""
     p = Path(path)
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputPathError(f"output path {str(p)!r} holds bytes that are not UTF-8; choose a UTF-8 name") from None
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputPathError(f"output directory {parent} does not exist; create it first or choose another path")

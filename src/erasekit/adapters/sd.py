@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..concepts import check_text
 from ..errors import InvalidInputError
 from . import sampling
 from .base import Encoded, check_role, config_digest, weights_digest
@@ -102,7 +103,9 @@ class SDAdapter:
                        None if pooled is None else pooled[idx.to(pooled.device)])
 
     def check_length(self, prompts: list[str]) -> None:
-        """One-line error for a prompt that does not fit the text encoder's context."""
+        """One-line error for a prompt that is not text or does not fit the text encoder's context."""
+        for p in prompts:
+            check_text(p, "a prompt")
         for tok, _ in self._text_pairs():
             limit = tok.model_max_length
             over = tok(list(prompts), truncation=True, max_length=limit + 1).input_ids  # no "too long" warning

@@ -50,6 +50,10 @@ class EvalResult:
         return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
 
 
+#: seeds are torch generator seeds: 0 <= seed < 2**63; an evaluation takes at most this many
+MAX_SEED, MAX_SEEDS = 2**63 - 1, 100_000
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-63', '0,5,9' or '3' -> list of seeds."""
     out: list[int] = []
@@ -58,11 +62,12 @@ def parse_seeds(text: str) -> list[int]:
             part = part.strip()
             if not part:
                 continue
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
+            a, _, b = part.partition("-") if not part.startswith("-") else (part, "", "")
+            lo, hi = int(a), int(b) if b else int(a)
+            if not 0 <= lo <= MAX_SEED or not 0 <= hi <= MAX_SEED or hi - lo + len(out) >= MAX_SEEDS:
+                raise InvalidInputError(f"seeds {text!r}: each seed is 0..2**63-1 and a run takes at most "
+                                        f"{MAX_SEEDS} of them; write e.g. 0-63")
+            out.extend(range(lo, hi + 1))
     except ValueError:
         raise InvalidInputError(f"cannot read seeds {text!r}; write e.g. 0-63 or 0,1,2") from None
     if not out:
