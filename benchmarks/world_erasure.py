@@ -28,13 +28,15 @@ import erasekit  # noqa: E402
 from erasekit.concepts import ConceptSpec  # noqa: E402
 from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
 from erasekit.methods import REGISTRY  # noqa: E402
+from erasekit.methods.safree import SAFREE_WORLD  # noqa: E402
+from erasekit.methods.sld import SLD_WORLD  # noqa: E402
 from erasekit.world.vocab import CONCEPTS, RECE_WORLD, UCE_WORLD, erase_templates  # noqa: E402
 
 MULTI = {"shape": [("star", "heart"), ("circle", "square", "triangle")],
          "colour": [("red", "blue"), ("green", "yellow", "purple")],
          "texture": [("striped", "dotted")], "background": [("grass", "sky")]}
 #: world settings per method (others use their published defaults, templates always world-shaped)
-WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD}
+WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD, "sld": SLD_WORLD, "safree": SAFREE_WORLD}
 
 
 def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:

@@ -167,7 +167,7 @@ def test_multiple_concepts_at_once(pipe, name):
 
 def test_registry_lists_every_method_with_description_kind_and_fields():
     rows = describe()
-    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt"}
+    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt", "sld", "safree"}
     for r in rows:
         assert r["description"] and r["config"] and all(f["help"] for f in r["config"])
         assert r["edit_kind"] in ("weight_delta", "lora", "hook")

@@ -52,7 +52,8 @@ def check_config(cfg: Any) -> None:
             raise InvalidInputError(f"setting {f.name} is NaN; give a number")
         if "min_items" in meta and len(v) < meta["min_items"]:
             raise InvalidInputError(f"setting {f.name} is empty; give at least {meta['min_items']} item(s)")
-        missing = [x for x in v if meta.get("each_contains", "") not in x] if "each_contains" in meta else []
+        items = [v] if isinstance(v, str) else v
+        missing = [x for x in items if meta.get("each_contains", "") not in x] if "each_contains" in meta else []
         if missing:
             raise InvalidInputError(f"setting {f.name}: {missing[0]!r} has no {meta['each_contains']} where the "
                                     "phrase goes; write e.g. 'a photo of {}'")

@@ -11,11 +11,12 @@ from .mace import MACE
 from .negative_prompt import NegativePrompt
 from .realera import RealEra
 from .rece import RECE
+from .safree import SAFREE
 from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt, SLD]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt, SLD, SAFREE]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -43,4 +44,4 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD"]
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE"]
