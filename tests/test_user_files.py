@@ -24,6 +24,7 @@ def test_only_erasekits_own_folders_are_replaced_and_only_when_asked(tmp_path):
     with atomic_dir(tmp_path / "run") as d:
         (d / "metrics.json").write_text("{}")
     assert (tmp_path / "run" / MARKER).is_file()
+    assert (tmp_path / "run").stat().st_mode & 0o755 == 0o755  # a plain folder, not mkdtemp's 0700
     with pytest.raises(OutputPathError, match="already exists"):
         with atomic_dir(tmp_path / "run"):
             pass

@@ -88,6 +88,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     p = check_output(path, overwrite, owned)
     clean_stale(p)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent or "."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the output: give it a plain folder's mode
     old: Path | None = None
     try:
         yield tmp
@@ -104,6 +105,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def clean_stale(path: Path) -> None:
