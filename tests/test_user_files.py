@@ -60,6 +60,18 @@ def test_a_failed_replacement_keeps_the_previous_output_and_no_temporary_files(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_path):
+    with atomic_dir(tmp_path / "run") as d:
+        (d / "a.txt").write_text("previous")
+    aside = tmp_path / ".run.999999999.xyz.old.tmp"  # killed after moving the old output aside
+    aside.mkdir()
+    (tmp_path / "run").rename(aside / "run")
+    with pytest.raises(OutputPathError, match="already exists"):  # the next start restores it first
+        with atomic_dir(tmp_path / "run"):
+            pass
+    assert (tmp_path / "run" / "a.txt").read_text() == "previous" and not aside.exists()
+
+
 def test_temporary_folders_of_a_killed_run_are_cleaned_on_the_next_start(tmp_path):
     stale = tmp_path / ".run.999999999.abcd.tmp"  # a pid that cannot be alive
     stale.mkdir()

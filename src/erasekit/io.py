@@ -67,6 +67,7 @@ def check_output(path: str | Path, overwrite: bool, owned: bool = False) -> Path
     not exist or may be replaced (``overwrite``, and erasekit wrote it or the caller knows it is
     erasekit's own: ``owned``, for the shipped assets)."""
     p = check_parent(path)
+    clean_stale(p)  # first: a killed run may have left the previous output aside
     if p.exists():
         if not overwrite:
             raise OutputPathError(f"{p} already exists; choose another path, or pass --overwrite to replace an "
@@ -83,10 +84,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     An existing ``path`` is replaced only with ``overwrite`` and only if erasekit wrote it (its
     marker file lists everything in it); the old folder is moved aside first and removed only after
     the new one is in place, so a failure at any point leaves the previous output intact.
-    Temporary folders of an earlier run killed before it could clean up are removed first.
+    Temporary folders of an earlier run killed before it could clean up are removed first (and a
+    previous output it had moved aside is put back).
     """
     p = check_output(path, overwrite, owned)
-    clean_stale(p)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent or "."))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would stay on the output: give it a plain folder's mode
     old: Path | None = None
@@ -114,10 +115,13 @@ def _umask() -> int:
 
 
 def clean_stale(path: Path) -> None:
-    """Remove temporary siblings of ``path`` left by runs whose process is gone (killed, power loss)."""
-    for t in path.parent.glob(f".{path.name}.*.tmp"):
+    """Remove temporary siblings of ``path`` left by runs whose process is gone (killed, power loss).
+    A previous output that such a run had moved aside, and not yet replaced, is put back first."""
+    for t in sorted(path.parent.glob(f".{path.name}.*.tmp"), key=lambda t: not t.name.endswith(".old.tmp")):
         parts = t.name[len(path.name) + 2:].split(".")
         if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+            if t.name.endswith(".old.tmp") and (t / path.name).is_dir() and not path.exists():
+                os.replace(t / path.name, path)
             if t.is_dir():
                 shutil.rmtree(t, ignore_errors=True)
             else:
