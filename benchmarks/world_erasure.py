@@ -4,8 +4,9 @@ Each row fits one patch and evaluates it with ``erasekit.evaluate`` on shared se
 the unedited model are cached, so the baseline is generated once). Columns: efficacy (target
 still detected, lower is better), generality (unseen synonyms detected), specificity on
 neighbour shapes and on unrelated axes (higher is better), collateral (the other axes kept on the
-erased concept's own prompts: "a green star" stays green), MACE's H, and fit time. The first
-rows are the unedited model: the baseline. Saves CSV and, with matplotlib, a PNG chart.
+erased concept's own prompts: "a green star" stays green), MACE's H, fit time, and images
+generated per second (a guard's extra UNet passes show against the "(none)" row of the same run;
+NaN where every image came from the cache). The first rows are the unedited model: the baseline. Saves CSV and, with matplotlib, a PNG chart.
 
     python benchmarks/world_erasure.py [--axis shape|colour|...] [--seeds 0-31] [--methods uce,speed] [--out bench-out]
 """
@@ -62,6 +63,13 @@ def fields_of(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
 
 
+def images_per_second(res) -> float:
+    """Images generated per second in this evaluation (cached images excluded; NaN if all were cached):
+    a guard's extra UNet passes show here, against the "(none)" row of the same run."""
+    misses, secs = res.cost["cache_misses"], res.cost["generation_s"]
+    return misses / secs if misses and secs > 0 else float("nan")
+
+
 def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
     ms = [c.metrics for c in res.concepts]
     avg = lambda k: sum(m[k]["value"] for m in ms) / len(ms)  # noqa: E731
@@ -71,11 +79,11 @@ def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
             "neighbours": avg("specificity_neighbours_patched"), "neighbours_before": avg("specificity_neighbours_original"),
             "unrelated": avg("specificity_unrelated_patched"), "unrelated_before": avg("specificity_unrelated_original"),
             "collateral": avg("specificity_collateral_patched"), "collateral_before": avg("specificity_collateral_original"),
-            "H": sum(m["harmonic"] for m in ms) / len(ms), "fit_s": fit_s}
+            "H": sum(m["harmonic"] for m in ms) / len(ms), "fit_s": fit_s, "img_s": images_per_second(res)}
 
 
 def fmt(r: dict) -> str:
-    fit = f"{r['fit_s']:>7.2f}" if r["method"] != "(none)" else f"{'':>7}"
+    fit = (f"{r['fit_s']:>7.2f}" if r["method"] != "(none)" else f"{'':>7}") + f"{r['img_s']:>7.2f}"
     return (f"{r['method'][:8]:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
             f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['neighbours_before']:>7.2f}{r['unrelated']:>7.2f}"
             f"{r['unrelated_before']:>7.2f}{r['collateral']:>6.2f}{r['collateral_before']:>6.2f}{r['H']:>7.3f}{fit}")
@@ -85,16 +93,17 @@ def summary(rows: list[dict]) -> None:
     """Per-method means over every row: the one table to compare methods by."""
     print("\nmeans per method (eff0/neigh0/unrel0/coll0: the unedited model on the same prompts and seeds)")
     print(f"{'method':<9}{'rows':>5}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}{'unrel0':>7}"
-          f"{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}")
+          f"{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}{'img/s':>7}")
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("efficacy", "efficacy_before", "generality", "neighbours",
                                                              "neighbours_before", "unrelated", "unrelated_before",
                                                              "collateral", "collateral_before", "H", "fit_s")}
+        speeds = [r["img_s"] for r in rs if r["img_s"] == r["img_s"]]  # NaN: nothing was generated
         print(f"{m[:8]:<9}{len(rs):>5}{avg['efficacy']:>6.2f}{avg['efficacy_before']:>6.2f}{avg['generality']:>6.2f}"
               f"{avg['neighbours']:>7.2f}{avg['neighbours_before']:>7.2f}{avg['unrelated']:>7.2f}"
               f"{avg['unrelated_before']:>7.2f}{avg['collateral']:>6.2f}{avg['collateral_before']:>6.2f}"
-              f"{avg['H']:>7.3f}{avg['fit_s']:>7.2f}")
+              f"{avg['H']:>7.3f}{avg['fit_s']:>7.2f}{(sum(speeds) / len(speeds) if speeds else float('nan')):>7.2f}")
 
 
 def main(family: str | None = None) -> None:
@@ -123,7 +132,7 @@ def main(family: str | None = None) -> None:
     print(f"world erasure benchmark ({args.axis}): {len(seeds)} seeds per prompt set; efficacy/generality lower is better")
     print("settings beyond each method's defaults: " + (", ".join(f"{m} {v}" for m, v in settings.items() if v) or "none"))
     hdr = (f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}"
-           f"{'unrel0':>7}{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}")
+           f"{'unrel0':>7}{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}{'img/s':>7}")
     print(hdr)
     for concepts in jobs:
         base = evaluate(pipe, list(concepts), seeds=seeds, cache=cache)

@@ -143,3 +143,25 @@ def test_svf_steps_through_the_noise_hook_match_projecting_through_embeddings(tm
             out.append(ad.sample(["a photo of a star"], [torch.Generator().manual_seed(0)], 2, 5.0))
     assert _hook(pipe, ["a photo of a star"], negative_prompt=False)[0].info[0].steps >= 1  # t' covers step 1
     assert np.array_equal(out[0], out[1])
+
+
+def test_inner_noise_hooks_run_on_the_projected_steps_with_the_projected_conditioning(tmp_path):
+    """SAFREE asks the inner prediction for its projected conditioning (``predict(cond=...)``): a hook
+    stacked inside it (SLD, say) runs on every step and sees that conditioning."""
+    from erasekit.adapters.sampling import Hook
+
+    pipe = tiny_sd(tmp_path)
+    ad = get_adapter(pipe)
+    seen = []
+
+    class Record(Hook):
+        def noise(self, ctx, predict):
+            seen.append((ctx.index, ctx.cond.embeds.clone()))
+            return predict()
+
+    edit = erasekit.erase(pipe, "star", method="safree", negative_prompt=False)
+    original = ad.encode(["a photo of a star"]).embeds
+    ad.sample(["a photo of a star"], [torch.Generator().manual_seed(0)], 2, 5.0,
+              hooks=[Record(), *edit.hooks(ad)])
+    assert [i for i, _ in seen] == [0, 1]
+    assert not torch.equal(seen[0][1], original)  # step 0 is an SVF step: the projected rows

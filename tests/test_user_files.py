@@ -63,7 +63,7 @@ def test_a_failed_replacement_keeps_the_previous_output_and_no_temporary_files(t
 def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_path):
     with atomic_dir(tmp_path / "run") as d:
         (d / "a.txt").write_text("previous")
-    aside = tmp_path / ".run.999999999.xyz.old.tmp"  # killed after moving the old output aside
+    aside = tmp_path / ".run.999999999.xyz12345.old.tmp"  # killed after moving the old output aside
     aside.mkdir()
     (tmp_path / "run").rename(aside / "run")
     with pytest.raises(OutputPathError, match="already exists"):  # the next start restores it first
@@ -73,7 +73,7 @@ def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_
 
 
 def test_temporary_folders_of_a_killed_run_are_cleaned_on_the_next_start(tmp_path):
-    stale = tmp_path / ".run.999999999.abcd.tmp"  # a pid that cannot be alive
+    stale = tmp_path / ".run.999999999.abcd1234.tmp"  # a pid that cannot be alive
     stale.mkdir()
     (stale / "half.json").write_text("{")
     with atomic_dir(tmp_path / "run") as d:
@@ -178,3 +178,50 @@ def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_p
         assert not list(tmp_path.glob(".out.*"))
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert (tmp_path / "out" / "model_index.json").is_file() and not list(tmp_path.glob(".out.*"))
+
+
+def test_what_is_not_ours_is_never_cleaned_or_replaced(tmp_path):
+    (tmp_path / ".notes.999999999.tmp").write_text("a user's file")  # not one of our temporary names
+    (tmp_path / ".ab.999999999.zz123456.old.tmp").mkdir()  # a dead run's aside of output "ab"
+    with atomic_dir(tmp_path / "notes") as d:
+        (d / "a").write_text("x")
+    with atomic_dir(tmp_path / "a?") as d:  # a glob character in the name matches nothing else
+        (d / "a").write_text("x")
+    assert (tmp_path / ".notes.999999999.tmp").read_text() == "a user's file"
+    assert (tmp_path / ".ab.999999999.zz123456.old.tmp").is_dir()
+    # a file the user put into a subfolder of an erasekit folder makes it theirs
+    with atomic_dir(tmp_path / "run") as d:
+        (d / "images").mkdir()
+        (d / "images" / "0.png").write_bytes(b"png")
+    (tmp_path / "run" / "images" / "my_notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="did not write"):
+        with atomic_dir(tmp_path / "run", overwrite=True):
+            pass
+    # a hand-edited marker is not a traceback
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / MARKER).write_text('{"files": [{}]}')
+    (tmp_path / "m" / "x").write_text("x")
+    with pytest.raises(OutputPathError, match="did not write"):
+        with atomic_dir(tmp_path / "m", overwrite=True):
+            pass
+
+
+def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path):
+    with pytest.raises(OutputPathError, match="already exists"):
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "a.txt").write_text("ours")
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "user.txt").write_text("theirs")
+    assert snapshot(tmp_path / "out") == {"user.txt": b"theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_generate_does_not_overwrite_an_image_unasked(tmp_path, monkeypatch, capsys):
+    from erasekit.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.png").write_bytes(b"my picture")
+    assert run(["generate", "a star", "-n", "1", "--steps", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "grid.png").read_bytes() == b"my picture"
+    assert run(["generate", "a star", "-n", "1", "--steps", "1", "--overwrite"]) == 0
+    assert (tmp_path / "grid.png").read_bytes() != b"my picture"

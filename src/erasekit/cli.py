@@ -59,6 +59,7 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available)."),
     patch: list[Path] = typer.Option([], "--patch", "-p", help="Edit folder(s) of any kind to apply first, in order."),
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing image file at -o."),
 ) -> None:
     """Generate an image grid from a prompt (with edits of any kind applied)."""
     from .generate import IMAGE_SUFFIXES, generate as gen, make_grid, save_image
@@ -69,6 +70,8 @@ def generate(
         if n < 1:
             raise InvalidInputError(f"image count must be at least 1 (got {n}); pass -n 1 or more")
         check_parent(output)
+        if output.exists() and not overwrite:
+            raise InvalidInputError(f"{output} already exists; choose another -o or pass --overwrite to replace it")
         if output.suffix.lower() not in IMAGE_SUFFIXES:
             raise InvalidInputError(f"cannot tell the image format of {output.name}; use a .png, .jpg or .webp name")
         t0 = time.time()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,13 +55,18 @@ def check_replaceable(path: Path) -> None:
         raise OutputPathError(f"{path} exists and is {what}; erasekit replaces only its own output folders: "
                               "choose another output path, or move it away yourself")
     try:
-        owned = set(json.loads(marker.read_text()).get("files", []))
-    except (ValueError, AttributeError, OSError):
+        owned = {str(f) for f in json.loads(marker.read_text()).get("files", []) if isinstance(f, str)}
+    except (ValueError, AttributeError, TypeError, OSError):
         owned = set()
-    extra = sorted(e.name for e in path.iterdir() if e.name not in owned and e.name != MARKER)
+    extra = sorted(f for f in _files(path) if f not in owned and f != MARKER)
     if extra:
         raise OutputPathError(f"{path} holds files erasekit did not write ({', '.join(extra[:3])}"
                               f"{', ...' if len(extra) > 3 else ''}); choose another output path or move them away")
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file and folder below ``folder``, as paths relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def check_output(path: str | Path, overwrite: bool, owned: bool = False) -> Path:
@@ -93,7 +100,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     old: Path | None = None
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"files": sorted(e.name for e in tmp.iterdir())}) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"files": _files(tmp)}) + "\n")
+        check_output(p, overwrite, owned)  # again: the folder may have appeared (or changed) during the run
         if p.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".old.tmp", dir=p.parent or "."))
             os.replace(p, old / p.name)
@@ -117,9 +125,10 @@ def _umask() -> int:
 def clean_stale(path: Path) -> None:
     """Remove temporary siblings of ``path`` left by runs whose process is gone (killed, power loss).
     A previous output that such a run had moved aside, and not yet replaced, is put back first."""
-    for t in sorted(path.parent.glob(f".{path.name}.*.tmp"), key=lambda t: not t.name.endswith(".old.tmp")):
-        parts = t.name[len(path.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[A-Za-z0-9_]{{8}}(\.old)?\.tmp")  # mkstemp/mkdtemp names
+    found = [(t, m) for t in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if (m := ours.fullmatch(t.name))]
+    for t, m in sorted(found, key=lambda tm: tm[1].group(2) is None):
+        if not _alive(int(m.group(1))):
             if t.name.endswith(".old.tmp") and (t / path.name).is_dir() and not path.exists():
                 os.replace(t / path.name, path)
             if t.is_dir():

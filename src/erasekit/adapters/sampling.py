@@ -14,7 +14,7 @@ stack order), then from the caller:
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,8 +63,10 @@ class Hook:
         """The conditioning (and unconditional conditioning, None without guidance) to sample with."""
         return cond, uncond
 
-    def noise(self, ctx: StepContext, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """This step's guided model output; ``predict()`` is what the loop (or the inner hook) would use."""
+    def noise(self, ctx: StepContext, predict: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """This step's guided model output. ``predict()`` is what the loop (or the inner hook) would use;
+        ``predict(cond=..., uncond=...)`` asks the same of other conditioning, and inner hooks still run
+        (they see it as ``ctx.cond``/``ctx.uncond``)."""
         return predict()
 
     def module_hooks(self, adapter: Any) -> dict[str, Callable]:
@@ -145,11 +147,39 @@ def _denoise(ctx: SampleContext, hooks: Sequence[Hook], cond: Encoded, uncond: E
     for i, t in enumerate(timesteps):
         step = StepContext(ctx, i, t, latents, cond, uncond, ctx.guidance_scale)
         model_input = scheduler.scale_model_input(latents, t)
-        predict = functools.partial(adapter.predict_noise, model_input, t, cond, uncond, ctx.guidance_scale)
+
+        def predict(cond: Encoded | None = None, uncond: Encoded | None = None, _s: StepContext = step,
+                    _x: torch.Tensor = model_input) -> torch.Tensor:
+            c, u = _s.cond if cond is None else cond, _s.uncond if uncond is None else uncond
+            return adapter.predict_noise(_x, _s.t, c, u, _s.guidance_scale)
+
+        predict._erasekit_plain = True  # type: ignore[attr-defined]
         for hook in hooks:
-            predict = functools.partial(hook.noise, step, predict)
+            predict = _wrap(hook, step, predict)
         latents = scheduler.step(predict(), t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def _wrap(hook: Hook, step: StepContext, inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``hook.noise`` around ``inner``; conditioning an outer hook passes in reaches ``hook`` (as its
+    ``ctx``) and everything inside it."""
+    def call(cond: Encoded | None = None, uncond: Encoded | None = None) -> torch.Tensor:
+        if cond is None and uncond is None:
+            return hook.noise(step, inner)
+        ctx = dataclasses.replace(step, cond=step.cond if cond is None else cond,
+                                  uncond=step.uncond if uncond is None else uncond)
+        def rebound(c: Encoded | None = None, u: Encoded | None = None) -> torch.Tensor:
+            return inner(ctx.cond if c is None else c, ctx.uncond if u is None else u)
+
+        rebound._erasekit_plain = is_model_prediction(inner)  # type: ignore[attr-defined]
+        return hook.noise(ctx, rebound)
+    return call
+
+
+def is_model_prediction(predict: Callable[..., torch.Tensor]) -> bool:
+    """True when ``predict`` is the loop's own guided prediction of ``ctx.cond``/``ctx.uncond`` (no inner
+    hook changes it), so a hook may compute it itself, e.g. inside a larger batched call."""
+    return bool(getattr(predict, "_erasekit_plain", False))
 
 
 def initial_latents(adapter: Any, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:

@@ -59,10 +59,11 @@ unchanged, as the official SDXL pipeline leaves ``add_text_embeds``. (The offici
 both subspaces from text_encoder_2's *projected* text embeddings and projects only the 1280-d hidden
 half with them, mixing two spaces; it also runs without SVF.)
 
-Where this runs its own UNet call: on projected SVF steps and, with LRA, on every step, the noise
-hook calls the adapter's ``predict_noise`` with the conditioning it needs, so noise hooks of edits
-applied *before* SAFREE (inner hooks) do not act on those steps. Without SVF and LRA the projected
-conditioning goes in through ``embeddings`` and every inner hook acts as usual.
+On projected SVF steps the noise hook asks the inner prediction for the projected conditioning
+(``predict(cond=...)``), so noise hooks of edits applied *before* SAFREE (inner hooks, SLD say) act
+on those steps too. With LRA it runs its own three-branch UNet call on every step, and inner noise
+hooks do not act (a limitation). The negative prompt replaces the unconditional conditioning, so
+stacked with another guard that does the same (negative-prompt), the outer one's wins.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ class SafreeHook(Hook):
         return Encoded(embeds, self.original.lengths, self.original.pooled)
 
     # ------------------------------------------------------------------ denoising
-    def noise(self, ctx: StepContext, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def noise(self, ctx: StepContext, predict: Callable[..., torch.Tensor]) -> torch.Tensor:
         if not (self.cfg.svf or self.cfg.lra):
             return predict()  # the projected conditioning went in through `embeddings`
         cond = self.guarded(ctx.index)
@@ -295,10 +296,10 @@ class SafreeHook(Hook):
             return predict()
         if cond is None:
             cond = self.original
+        if not self.cfg.lra:
+            return predict(cond=cond)  # inner noise hooks (SLD, say) run on the projected conditioning too
         adapter = ctx.sample.adapter
         x = adapter.pipe.scheduler.scale_model_input(ctx.latents, ctx.t)  # as the loop's own predict
-        if not self.cfg.lra:
-            return adapter.predict_noise(x, ctx.t, cond, ctx.uncond, ctx.guidance_scale)
         n = len(cond)
         parts = ([] if ctx.uncond is None else [ctx.uncond]) + [cond, self.original]
         off = 0 if ctx.uncond is None else n

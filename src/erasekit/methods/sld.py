@@ -69,7 +69,6 @@ Changes to the conditioning (``embeddings`` hooks, e.g. a negative prompt) are s
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ import torch
 
 from .. import __version__
 from ..adapters import Encoded
-from ..adapters.sampling import Hook, SampleContext, StepContext
+from ..adapters.sampling import Hook, SampleContext, StepContext, is_model_prediction
 from ..concepts import ConceptSpec
 from ..edits import Edit, HookEdit
 from ..errors import InvalidInputError
@@ -193,7 +192,7 @@ class SLDHook(Hook):
             self.safety = ctx.adapter.encode([self.prompt]).index([0] * len(cond))
         return cond, uncond
 
-    def noise(self, ctx: StepContext, predict: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def noise(self, ctx: StepContext, predict: Callable[..., torch.Tensor]) -> torch.Tensor:
         if ctx.uncond is None or self.safety is None:  # no guidance: nothing to do
             return predict()
         adapter = ctx.sample.adapter
@@ -210,15 +209,11 @@ class SLDHook(Hook):
                                         eps_factor(adapter, ctx.t, self.space))
         active = ctx.index >= self.params["warmup"]
         w = ctx.guidance_scale
-        if _is_loop_prediction(predict, adapter):  # the loop's own CFG: computed from the same call
+        if is_model_prediction(predict):  # the loop's own CFG: computed from the same call
             return out_uncond + w * ((out_cond - out_uncond) - gamma) if active else \
                 out_uncond + w * (out_cond - out_uncond)
         guided = predict()  # an inner hook changed the prediction: keep it, subtract the SLD term
         return guided - w * gamma if active else guided
-
-
-def _is_loop_prediction(predict: Callable[[], torch.Tensor], adapter: Any) -> bool:
-    return isinstance(predict, functools.partial) and predict.func == adapter.predict_noise
 
 
 class SLD(Method):
