@@ -110,6 +110,9 @@ CASES = [
     ["demo", "-o", "existing-dir", "--overwrite"], ["world", "train"], ["world", "train", "-o", "w", "--set", "nope=1"],
     ["world", "train", "-o", "w", "--set", "unet_steps=abc"], ["world", "train", "-o", "missing/w"],
     ["world", "nope"], ["nope"],
+    ["sae", "train"], ["sae", "train", "-o", "s", "--n-prompts", "0"], ["sae", "train", "-o", "s", "--prompts-file", "nope"],
+    ["sae", "train", "-o", "s", "--prompts-file", "latin1.txt"], ["sae", "train", "-o", "s", "--set", "k=0"],
+    ["sae", "train", "-o", "s", "--model", "pic.png"], ["sae", "train", "-o", "existing-dir"],
 ] + setting_cases()
 
 

@@ -25,6 +25,7 @@ def test_only_erasekits_own_folders_are_replaced_and_only_when_asked(tmp_path):
         (d / "metrics.json").write_text("{}")
     assert (tmp_path / "run" / MARKER).is_file()
     assert (tmp_path / "run").stat().st_mode & 0o755 == 0o755  # a plain folder, not mkdtemp's 0700
+    assert (tmp_path / "run" / "metrics.json").stat().st_mode & 0o644 == 0o644
     with pytest.raises(OutputPathError, match="already exists"):
         with atomic_dir(tmp_path / "run"):
             pass
@@ -178,6 +179,11 @@ def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_p
         assert not list(tmp_path.glob(".out.*"))
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert (tmp_path / "out" / "model_index.json").is_file() and not list(tmp_path.glob(".out.*"))
+
+
+def test_saved_edits_are_readable_like_any_file(tmp_path, world_pipe):
+    erasekit.erase(world_pipe, "star", method="uce").save(tmp_path / "e")  # safetensors alone writes 0600
+    assert all(p.stat().st_mode & 0o644 == 0o644 for p in (tmp_path / "e").iterdir())
 
 
 def test_what_is_not_ours_is_never_cleaned_or_replaced(tmp_path):

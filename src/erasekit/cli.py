@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Erase concepts from text-to-image diffusion models, measure it, attack it.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded shapes world: train, inspect.")
 app.add_typer(world_app, name="world")
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders of a model's own activations.")
+app.add_typer(sae_app, name="sae")
 err = Console(stderr=True)
 out = Console()
 
@@ -340,6 +342,67 @@ def world_train(
         _fail(e)
     out.print(f"wrote {dest}{f' and {cls_dest}' if cls_dest else ''} in {card['total_minutes']} min; "
               f"fidelity {card['fidelity_canonical']}")
+
+
+@sae_app.command("train")
+def sae_train(
+    output: Path = typer.Option(..., "-o", "--output", help="SAE folder to write (sae.safetensors, config, record)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    site: Optional[str] = typer.Option(None, "--site", help="Module whose output the SAE learns (full name, e.g. "
+                                       "unet.up_blocks.1.attentions.1; default: that block, SAeUron's site)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="UTF-8 text, one prompt a line "
+                                                "(default on the world model: --n-prompts random world captions)."),
+    n_prompts: int = typer.Option(200, "--n-prompts", help="World captions to generate from, without --prompts-file."),
+    set_: list[str] = typer.Option([], "--set", help="SAE setting key=value (n_latents, k, steps, lr, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an SAE folder erasekit wrote."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Collect a site's activations while generating, and train a TopK SAE (with AuxK) on them."""
+    from .adapters import get_adapter
+    from .config import apply_overrides
+    from .io import check_output
+    from .models import load_pipeline
+    from .sae import WORLD_SITE, SAEConfig, train_sae
+
+    try:
+        check_output(output, overwrite)
+        cfg = apply_overrides(SAEConfig(), set_)
+        prompts = _sae_prompts(model, prompts_file, n_prompts, cfg.seed)
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        t0 = time.time()
+        sae, record = train_sae(get_adapter(pipe), site or WORLD_SITE, prompts, cfg,
+                                log=lambda m: err.print(f"[{time.time() - t0:7.1f}s] {m}", highlight=False))
+        sae.save(output, record, overwrite=overwrite)
+    except ErasekitError as e:
+        _fail(e)
+    out.print(f"wrote {output}: {record['site']}, variance explained {record['fve']:.3f}, dead latents "
+              f"{record['dead_fraction']:.1%}, {record['wall_time_s']:.0f}s")
+
+
+def _sae_prompts(model: Optional[str], prompts_file: Optional[Path], n: int, seed: int) -> list[str]:
+    """The prompts an SAE's activations come from: a file's lines, or world captions on the world model."""
+    import random
+
+    from .concepts import check_text
+    from .world.vocab import AXES, CONCEPTS, caption
+
+    if prompts_file is not None:
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"cannot read prompts file {prompts_file} as UTF-8 text ({type(e).__name__})") from None
+        lines = [check_text(line.strip(), "a prompt") for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise InvalidInputError(f"prompts file {prompts_file} holds no prompt; write one prompt a line")
+        return lines
+    if model not in (None, "", "world"):
+        raise InvalidInputError("pass --prompts-file with the prompts to generate from (world captions serve only "
+                                "the embedded world model)")
+    if n < 1:
+        raise InvalidInputError(f"--n-prompts must be at least 1 (got {n})")
+    rng = random.Random(seed)
+    return [caption({ax: rng.choice(list(CONCEPTS[ax])) for ax in AXES}, rng) for _ in range(n)]
 
 
 @world_app.command("info")

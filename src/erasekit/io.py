@@ -101,6 +101,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"files": _files(tmp)}) + "\n")
+        _plain_modes(tmp)
         check_output(p, overwrite, owned)  # again: the folder may have appeared (or changed) during the run
         if p.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".old.tmp", dir=p.parent or "."))
@@ -114,6 +115,14 @@ def atomic_dir(path: str | Path, overwrite: bool = False, owned: bool = False) -
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _plain_modes(folder: Path) -> None:
+    """Files and folders as a plain write would make them (some writers, safetensors', use 0600)."""
+    mask = _umask()
+    for q in folder.rglob("*"):
+        if not q.is_symlink():
+            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
