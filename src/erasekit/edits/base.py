@@ -23,9 +23,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..adapters import family_of, get_adapter
+from ..adapters import family_of, get_adapter, sampling
 from ..adapters.sd import FINGERPRINT_ATTR
-from ..errors import ErasekitError
+from ..errors import ErasekitError, InvalidInputError
 
 FORMAT_VERSION = 2
 STACK_ATTR = "_erasekit_stack"
@@ -62,16 +62,12 @@ def applied(pipe: Any) -> list[tuple["Edit", Undo]]:
 
 
 def resolve_module(pipe: Any, name: str) -> torch.nn.Module:
-    """The module ``component.path`` of ``pipe`` (``unet.down_blocks.0...``)."""
-    comp, _, rest = name.partition(".")
-    module = getattr(pipe, comp, None)
-    if not isinstance(module, torch.nn.Module):
-        raise PatchError(f"the pipeline has no component {comp!r} that this edit changes; use a pipeline of the "
-                         "edit's model family")
+    """The module ``component.path`` of ``pipe`` (``unet.down_blocks.0...``), as an edit needs it."""
     try:
-        return module.get_submodule(rest) if rest else module
-    except AttributeError:
-        raise PatchError(f"the pipeline has no module {name}; this edit was made for another architecture") from None
+        return sampling.resolve_module(pipe, name)
+    except InvalidInputError:
+        raise PatchError(f"the pipeline has no module {name}; this edit was made for another architecture "
+                         "or model family") from None
 
 
 def resolve_param(pipe: Any, name: str) -> torch.nn.Parameter:
