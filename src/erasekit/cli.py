@@ -102,15 +102,24 @@ def erase(
     set_: list[str] = typer.Option([], "--set", help="Method setting key=value (text lists: a|b|c)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
     output: Path = typer.Option(..., "-o", "--output", help="Edit folder to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing edit folder."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing edit folder (and start a "
+                                   "fine-tuning run again instead of resuming it)."),
+    resume: bool = typer.Option(False, "--resume", help="Fine-tuning: continue the interrupted run whose "
+                                "checkpoint lies beside the output (OUTPUT.checkpoint)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: cuda if present)."),
 ) -> None:
-    """Fit an erasure method and write its edit folder (edit.json + edit.safetensors)."""
+    """Fit an erasure method and write its edit folder (edit.json + edit.safetensors).
+
+    Fine-tuning methods checkpoint atomically to OUTPUT.checkpoint every checkpoint_every steps;
+    after an interruption the same command with --resume continues where it stopped, and the
+    checkpoint is removed once the edit is written."""
     from .concepts import load_concepts, make_concepts
     from .config import apply_overrides
     from .io import check_output
     from .methods import get_method
+    from .methods.finetune import FineTuneMethod
     from .models import load_pipeline
+    from .training import Checkpoint
 
     try:
         check_output(output, overwrite)
@@ -127,9 +136,20 @@ def erase(
             pipe = load_pipeline(model, device=device)
         from .adapters import get_adapter
 
-        with err.status(f"fitting {cls.name} on {len(specs)} concept(s)"):
-            patch = cls(cfg).fit(get_adapter(pipe), specs)
+        method = cls(cfg)
+        if resume and not isinstance(method, FineTuneMethod):
+            raise InvalidInputError(f"--resume continues fine-tuning runs; {cls.name} is {cls.family}: drop --resume")
+        if isinstance(method, FineTuneMethod):  # its own progress bar (a status spinner would fight it)
+            ckpt = output.with_name(output.name + ".checkpoint")
+            if overwrite and not resume:
+                Checkpoint(ckpt).discard()
+            patch = method.fit(get_adapter(pipe), specs, checkpoint=ckpt, resume=resume)
+        else:
+            with err.status(f"fitting {cls.name} on {len(specs)} concept(s)"):
+                patch = method.fit(get_adapter(pipe), specs)
         patch.save(output, overwrite=overwrite)
+        if isinstance(method, FineTuneMethod):
+            Checkpoint(ckpt).discard()
     except ErasekitError as e:
         _fail(e)
     fit_s = patch.manifest.get("wall_time_s")
@@ -195,19 +215,22 @@ def methods_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Als
 def _summary_table(result) -> None:
     from rich.table import Table
 
-    t = Table(title="erasure summary (bootstrap 95% intervals)")
-    for col in ("concept", "detected before", "detected after", "unseen synonyms after", "neighbours kept",
-                "unrelated kept", "H"):
-        t.add_column(col, justify="right" if col != "concept" else "left")
-    fmt = lambda d: f"{d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"  # noqa: E731
+    t = Table(title="erasure summary (95% intervals, prompts resampled with their seeds)")
+    for col in ("concept", "prompts", "detected before", "detected after", "unseen synonyms after", "neighbours kept",
+                "unrelated kept", "collateral kept", "H"):
+        t.add_column(col, justify="right" if col not in ("concept", "prompts") else "left")
+    fmt = lambda d: f"{d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]" if d else "-"  # noqa: E731
     for c in result.concepts:
-        m = c.metrics
-        t.add_row(c.concept, fmt(m["efficacy_original"]), fmt(m["efficacy_patched"]),
-                  fmt(m["generality_patched"]) if "generality_patched" in m else "-",
-                  fmt(m["specificity_neighbours_patched"]) if "specificity_neighbours_patched" in m else "-",
-                  fmt(m["specificity_unrelated_patched"]),
-                  f"{m['harmonic']:.3f}")
+        for fam, f in c.families().items():
+            h = f["H"]
+            t.add_row(c.concept, fam, *(fmt(f.get(k)) for k in ("detected_before", "detected_after", "synonyms_after",
+                                                                 "neighbours_kept", "unrelated_kept",
+                                                                 "collateral_kept")),
+                      f"{h['value']:.3f}" + (f" [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]" if h.get("ci95") else ""))
     out.print(t)
+    if any(c.paraphrase is not None for c in result.concepts):
+        out.print("templated: the world's training caption templates; paraphrase: a grammar disjoint from them and "
+                  "from the erase templates (erasekit.evaluation.paraphrase)", highlight=False)
 
 
 def _write_run(result, run_dir: Path, overwrite: bool, title: str, extra=None) -> None:
@@ -237,12 +260,18 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
     fid_features: str = typer.Option("judge", "--fid-features", help="FID/KID feature space: judge (offline) or "
                                      "inception (torchmetrics' InceptionV3; needs erasekit[fid] and its weights)."),
+    unrelated_file: Optional[Path] = typer.Option(None, "--unrelated-file", help="UTF-8 text, one prompt a line: your "
+                                                  "own unrelated prompts, sampled by seed (default: erasekit's list "
+                                                  "of several hundred; clip and nudenet judges)."),
+    paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also score the paraphrase prompt "
+                                    "family where the judge has one (world model; doubles the images)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
     from .concepts import load_concepts, make_concepts
     from .edits import load_edit
     from .evaluation import evaluate, get_judge, parse_seeds
+    from .evaluation.prompts import load_unrelated
     from .io import check_output
     from .models import load_pipeline
 
@@ -252,6 +281,7 @@ def eval_cmd(
         specs = (load_concepts(concepts_file) if concepts_file else []) + (make_concepts(concept) if concept else [])
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
+        unrelated = load_unrelated(unrelated_file) if unrelated_file is not None else None
         patches = [load_edit(p) for p in patch]
         judge_kwargs = {}
         for pair in judge_set:
@@ -261,11 +291,14 @@ def eval_cmd(
             judge_kwargs[k.strip()] = v.strip()
         with err.status("loading judge"):
             judge_obj = get_judge(judge, **judge_kwargs)
+        if unrelated is not None and not judge_obj.reads_unrelated_prompts:
+            raise InvalidInputError(f"--unrelated-file is for open-vocabulary judges (clip, nudenet); the {judge} "
+                                    "judge reads the world's own unrelated axes, so drop --unrelated-file")
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
             result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force,
-                              fid_features=fid_features)
+                              fid_features=fid_features, unrelated=unrelated, paraphrase=paraphrase)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)
@@ -302,7 +335,8 @@ def demo(
             patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **UCE_WORLD)
         out.print(f"UCE erased {label!r} ({axis}) in {patch.manifest['wall_time_s']:.2f}s "
                   f"({len(patch.tensors())} K/V matrices edited)")
-        with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets"):
+        with err.status(f"generating before/after images on {len(seed_list)} seeds x 4 prompt sets, templated "
+                        "and paraphrased"):
             result = evaluate(pipe, [spec], patch=patch, seeds=seed_list)
         _write_run(result, output, overwrite, f"erasekit demo: erasing '{label}' with UCE",
                    extra=lambda d: patch.save(d / "patch"))

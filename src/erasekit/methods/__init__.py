@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from .base import Method
+from .esd import ESD
 from .mace import MACE
 from .negative_prompt import NegativePrompt
 from .realera import RealEra
@@ -16,7 +17,7 @@ from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, NegativePrompt, SLD, SAFREE]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, NegativePrompt, SLD, SAFREE]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -44,4 +45,4 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE"]
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE", "ESD"]

@@ -1,0 +1,205 @@
+"""ESD training speed and memory: erasekit's ESD against a faithful minimal copy of the official
+diffusers ESD loop (rohitgandikota/erasing ``esd_sd.py``), side by side in one run.
+
+The reference, as the official script does it: two full UNets (a frozen base and the trained copy);
+every iteration samples a fresh x_t with the frozen UNet through a classifier-free-guidance DDIM loop
+(batch 1, both halves in one call), stops after a random number of steps, then asks the frozen UNet
+separately for the concept and the empty prompt at x_t, then takes one Adam step on the trained
+copy. Both loops here use the same stopping steps (drawn as erasekit draws them), the same DDIM steps,
+guidance, batch, learning rate and device; what differs is engineering only:
+
+- ``erasekit prefetch=1``: one UNet instead of two (the frozen model is the trained tensors' originals
+  swapped in), and the frozen predictions at x_t are the halves of the guidance call the trajectory
+  makes there anyway (one fewer UNet call per step);
+- ``erasekit prefetch=P``: also samples P steps' trajectories as one batch, rows leaving the batch at
+  their stopping step (same draws, fewer and larger UNet calls).
+
+Memory: each variant runs in a fresh subprocess; on CPU the figure is the process's peak RSS (the
+loaded pipeline included, identical for all), on CUDA torch's peak allocation.
+
+    python benchmarks/esd_speed.py [--steps 32] [--ddim-steps 50] [--prefetch 8,16] [--device cpu]
+    python benchmarks/esd_speed.py --sd15 --sd15-size 512 --device cuda   # an SD1.5-sized random pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load(kind: str, size: int, device: str):
+    import torch
+
+    from erasekit.models import load_pipeline
+
+    if kind == "world":
+        return load_pipeline(None, device=device)
+    # SD1.5's UNet and text-encoder shapes with random weights (timings and memory only)
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasekit.world.tokenizer import make_tokenizer
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(tempfile.mkdtemp())
+    unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(prediction_type="epsilon"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(device)
+
+
+def stops(seed: int, steps: int, ddim: int, n_prompts: int = 1) -> list[int]:
+    """Each optimisation step's stopping step, drawn as erasekit's ESD draws it (seed and step alone)."""
+    from erasekit.methods.esd import draw_example
+
+    return [int(draw_example(seed, i, 1, n_prompts, ddim, (1,))[1]) for i in range(steps)]
+
+
+def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float,
+              till: list[int]) -> float:
+    """The official loop, minimal: a deep-copied trainable UNet, fresh frozen trajectories per step."""
+    import copy
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    device = pipe.unet.device
+    base = pipe.unet
+    base.requires_grad_(False)
+    esd = copy.deepcopy(base)
+    names, params = [], []
+    for name, module in esd.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "attn2" in name:
+            for n, p in module.named_parameters():
+                names.append(f"{name}.{n}")
+                params.append(p)
+    esd.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(ddim, device=device)
+    with torch.no_grad():
+        erase, null = pipe.encode_prompt(concept, device, 1, True, negative_prompt="")
+    h = w = pipe.unet.config.sample_size
+    t0 = time.perf_counter()
+    for it in range(steps):
+        opt.zero_grad()
+        gen = torch.Generator().manual_seed(it)
+        with torch.no_grad():
+            x = torch.randn((1, base.config.in_channels, h, w), generator=gen).to(device) * sched.init_noise_sigma
+            for k in range(till[it]):  # the pipeline's own CFG loop, stopped early
+                t = sched.timesteps[k]
+                out = base(torch.cat([x] * 2), t, encoder_hidden_states=torch.cat([null, erase])).sample
+                u, c = out.chunk(2)
+                x = sched.step(u + guidance * (c - u), t, x).prev_sample
+            t = sched.timesteps[till[it]]
+            e_c = base(x, t, encoder_hidden_states=erase).sample
+            e_n = base(x, t, encoder_hidden_states=null).sample
+        pred = esd(x, t, encoder_hidden_states=erase).sample
+        loss = torch.nn.functional.mse_loss(pred, e_c - eta * (e_c - e_n))
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int) -> float:
+    import torch
+
+    from erasekit.adapters import get_adapter
+    from erasekit.concepts import ConceptSpec
+    from erasekit.methods import ESD
+
+    m = ESD(steps=steps, lr=lr, negative_guidance=eta, ddim_steps=ddim, sample_guidance=guidance, prefetch=prefetch,
+            params="x")
+    t0 = time.perf_counter()
+    m.fit(get_adapter(pipe), [ConceptSpec(concept)], progress=False)
+    if pipe.unet.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pipe = load(args.model, args.sd15_size, args.device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    common = {"concept": args.concept, "steps": args.steps, "ddim": args.ddim_steps, "guidance": 3.0, "lr": args.lr,
+              "eta": 1.0}
+    if args.variant == "reference":
+        secs = reference(pipe, **common, till=stops(0, args.steps, args.ddim_steps))
+    else:
+        secs = ours(pipe, **common, prefetch=int(args.variant.split("=")[1]))
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("world", "sd15"), default="world")
+    ap.add_argument("--sd15", action="store_true", help="use an SD1.5-sized random pipeline (= --model sd15)")
+    ap.add_argument("--sd15-size", type=int, default=512, help="image size of the SD1.5-sized pipeline")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--prefetch", default="8,16", help="comma-separated prefetch sizes to run besides 1")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--concept", default="star")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sd15:
+        args.model = "sd15"
+    if args.variant:
+        return child(args)
+    variants = ["reference", "prefetch=1"] + [f"prefetch={p}" for p in args.prefetch.split(",") if p.strip()]
+    rows = []
+    for v in variants:
+        cmd = [sys.executable, __file__, "--variant", v] + [a for a in sys.argv[1:]]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            raise SystemExit(f"{v} failed:\n{res.stderr[-2000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    ref = rows[0]
+    unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
+    print(f"ESD-x on {args.model} ({args.device}, {args.threads} threads): {args.steps} steps, DDIM {args.ddim_steps}, "
+          f"guidance 3, batch 1")
+    till = stops(0, args.steps, args.ddim_steps)
+    print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")
+    print(f"{'variant':<14} {'steps/s':>8} {'x ref':>6} {unit:>14} {'loaded MB':>10}")
+    for r in rows:
+        sps = args.steps / r["secs"]
+        print(f"{r['variant']:<14} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {r['peak_mb']:14.0f} "
+              f"{r['loaded_rss_mb']:10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""What every fine-tuning method shares: a :class:`~erasekit.training.TrainingConfig`, the tensors it
+trains (chosen by adapter role), a ``loss(step)``, and :meth:`FineTuneMethod.fit`, which runs the one
+training loop and returns a ``weight_delta`` edit of only the trained tensors or a ``lora`` edit.
+
+The model's prediction type is the adapter's: every loss here compares UNet outputs with UNet
+outputs (or with ``adapter.target``), so the same code serves epsilon-prediction SD1.x/SDXL and the
+v-prediction world model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..adapters import Encoded, get_adapter
+from ..concepts import ConceptSpec
+from ..edits import Edit, applied
+from ..errors import InvalidInputError
+from ..training import Checkpoint, Trainable, identity_of, run_training
+from .base import Method, config_dict
+from .closed_form import Timer
+
+#: parameter selections by name, as the fine-tuning papers name them
+UNET_EXCLUDED_BY_U = ("unet.time_embedding", "unet.conv_out", "unet.add_embedding")
+
+
+def params_of(adapter: Any, role: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Full parameter names (weights and biases) of the modules serving ``role``, minus name prefixes."""
+    out = []
+    for name, mod in adapter.modules(role).items():
+        if name.startswith(exclude):
+            continue
+        out += [f"{name}.{p}" for p, _ in mod.named_parameters(recurse=False)]
+    return sorted(out)
+
+
+def select_params(adapter: Any, which: str) -> list[str]:
+    """``x``: every linear layer of cross-attention (q, k, v, out); ``x-strict``: cross-attention K/V;
+    ``u``: every linear and convolution layer outside cross-attention except the time embedding and the
+    output convolution (ESD's ``noxattn``); ``kv`` = ``x-strict``; ``text-encoder``: the text encoder's
+    linear layers and token embeddings; ``unet``: everything the UNet's x and u select together."""
+    if which == "x":
+        return params_of(adapter, "cross_attn")
+    if which in ("x-strict", "kv"):
+        return params_of(adapter, "cross_attn_kv")
+    if which == "u":
+        return params_of(adapter, "unet_no_cross_attn", UNET_EXCLUDED_BY_U)
+    if which == "unet":
+        return sorted(params_of(adapter, "cross_attn") + params_of(adapter, "unet_no_cross_attn"))
+    if which == "text-encoder":
+        return params_of(adapter, "text_encoder")
+    raise InvalidInputError(f"unknown parameter selection {which!r}; choose x, x-strict, u, unet or text-encoder")
+
+
+def repeat_encoded(e: Encoded, n: int) -> Encoded:
+    """``e``'s first row ``n`` times."""
+    return e.index([0] * n)
+
+
+class FineTuneMethod(Method):
+    """A fine-tuning method. Subclasses implement :meth:`trained_params`, :meth:`prepare` and :meth:`loss`
+    (and may set :meth:`after_backward`); their ``Config`` extends :class:`~erasekit.training.TrainingConfig`."""
+
+    family = "fine-tuning"
+
+    def trained_params(self, adapter: Any) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare(self, adapter: Any, concepts: list[ConceptSpec], trainable: Trainable) -> Any:  # pragma: no cover
+        """Encode prompts, make data: whatever ``loss`` needs (runs before step 0 and on resume)."""
+        raise NotImplementedError
+
+    def loss(self, adapter: Any, state: Any, trainable: Trainable, step: int) -> torch.Tensor:  # pragma: no cover
+        """The loss of optimisation step ``step``; its randomness must come from ``step_generator(seed, ...)``."""
+        raise NotImplementedError
+
+    def after_backward(self, state: Any, trainable: Trainable) -> None:
+        """Between backward and the optimiser step (e.g. SalUn's gradient mask)."""
+
+    def check(self, concepts: list[ConceptSpec]) -> None:
+        """Refuse concepts this method cannot train on (one line)."""
+
+    def fit(self, adapter: Any, concepts: list[ConceptSpec], checkpoint: str | Path | None = None,
+            resume: bool = False, progress: bool | None = True) -> Edit:
+        """Train on ``adapter``'s pipeline (left as it was afterwards) and return the edit.
+
+        Args:
+            checkpoint: a file for atomic checkpoints every ``checkpoint_every`` steps (the CLI puts it
+                beside the output as ``<output>.checkpoint``); it is left in place: delete it once the
+                edit is saved. None: no checkpoints.
+            resume: continue from ``checkpoint`` (refused if it was made with other settings or model).
+            progress: a bar on a terminal, plain lines otherwise; False for none.
+        """
+        adapter = get_adapter(adapter)
+        cfg = self.config
+        self.check(concepts)
+        timer = Timer()
+        on_top = [e.digest for e, _ in applied(adapter.pipe)]
+        fingerprint = adapter.fingerprint()  # before training touches the weights it hashes
+        identity = identity_of(self.name, cfg, concepts, fingerprint, on_top)
+        ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
+        if ckpt is not None and ckpt.exists() and not resume:
+            raise InvalidInputError(f"{ckpt.path} holds an interrupted run; pass --resume to continue it, or "
+                                    "--overwrite to start again")
+        trainable = Trainable(adapter.pipe, self.trained_params(adapter), cfg.rank, cfg.lora_alpha, cfg.seed)
+        try:
+            with trainable.gradient_checkpointing(cfg.gradient_checkpointing), timer.part("prepare"):
+                state = self.prepare(adapter, concepts, trainable)
+            with trainable.gradient_checkpointing(cfg.gradient_checkpointing), timer.part("train"):
+                record = run_training(trainable, lambda step: self.loss(adapter, state, trainable, step), cfg,
+                                      identity=identity, label=self.name, checkpoint=ckpt, resume=resume,
+                                      progress=progress, after_backward=lambda: self.after_backward(state, trainable))
+            manifest = {
+                "method": self.name,
+                "config": config_dict(cfg),
+                "concepts": [c.to_dict() for c in concepts],
+                "family": adapter.family,
+                "base_fingerprint": fingerprint,
+                "fitted_on_top_of": on_top,
+                "erasekit_version": __version__,
+                "training": record,
+                "trained_tensors": len(trainable.parameters()),
+                **self.extra_manifest(state),
+            }
+            manifest.update(wall_time_s=round(timer.total(), 4), peak_memory_mb=timer.memory(),
+                            timings_s={k: round(v, 4) for k, v in timer.parts.items()})
+            return trainable.edit(manifest)
+        finally:
+            trainable.close()
+
+    def extra_manifest(self, state: Any) -> dict[str, Any]:
+        """Method-specific measurements for the manifest."""
+        return {}

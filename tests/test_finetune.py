@@ -1,0 +1,250 @@
+"""The fine-tuning family's shared training loop and ESD, on tiny SD1.x / SDXL pipelines (code paths;
+erasure quality is measured on the world model in test_world_finetune.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_sd, tiny_sdxl
+
+from erasekit.adapters import get_adapter
+from erasekit.cli import run
+from erasekit.concepts import ConceptSpec
+from erasekit.edits import load_edit
+from erasekit.errors import InvalidInputError
+from erasekit.methods import ESD, get_method
+from erasekit.methods.finetune import select_params
+from erasekit.training import Checkpoint, Trainable
+
+FAST = dict(steps=3, ddim_steps=3, prefetch=2, lr=1e-3, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("tok_ft"))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return tiny_sdxl(tmp_path_factory.mktemp("tok_ftxl"))
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder")
+            for n, p in getattr(pipe, c).named_parameters()}
+
+
+def unet_out(pipe, prompt="a star"):
+    a = get_adapter(pipe)
+    g = torch.Generator().manual_seed(0)
+    h, w = a.image_size
+    x = torch.randn(1, 4, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, generator=g)
+    with torch.no_grad():
+        return a.predict_noise(x, 500, a.encode([prompt]))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_esd_contract(request, tmp_path, family, rank):
+    pipe = request.getfixturevalue(family)
+    before, out0 = weights(pipe), unet_out(pipe)
+    edit = ESD(**FAST, rank=rank).fit(get_adapter(pipe), [ConceptSpec("star")], progress=False)
+    after = weights(pipe)
+    assert set(after) == set(before), "fitting left modules (adapters) behind"
+    assert all(torch.equal(before[k], after[k]) for k in before), "fitting changed the pipeline"
+    assert type(pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k) is torch.nn.Linear
+    assert edit.kind == ("lora" if rank else "weight_delta")
+    assert edit.manifest["training"]["steps"] == 3 and len(edit.manifest["training"]["loss"]["mean_by_tenth"]) == 3
+    if rank == 0:  # only the trained tensors, all in cross-attention
+        assert edit.tensors() and all(".attn2." in k for k in edit.tensors())
+    edit.save(tmp_path / "e")
+    loaded = load_edit(tmp_path / "e")
+    assert loaded.digest == edit.digest and loaded.kind == edit.kind
+    with loaded.scoped(pipe):
+        out1 = unet_out(pipe)
+    assert not torch.allclose(out0, out1), "the trained edit changes nothing"
+    assert torch.equal(unet_out(pipe), out0)
+    assert all(torch.equal(before[k], v) for k, v in weights(pipe).items())
+
+
+def test_esd_is_seeded(sd):
+    a = get_adapter(sd)
+    e1 = ESD(**FAST).fit(a, [ConceptSpec("star")], progress=False)
+    e2 = ESD(**FAST).fit(a, [ConceptSpec("star")], progress=False)
+    e3 = ESD(**FAST, seed=1).fit(a, [ConceptSpec("star")], progress=False)
+    t1, t2, t3 = e1.tensors(), e2.tensors(), e3.tensors()
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert not all(torch.equal(t1[k], t3[k]) for k in t1)
+
+
+def test_param_selections_follow_the_paper(sd):
+    a = get_adapter(sd)
+    x, strict, u = (set(select_params(a, w)) for w in ("x", "x-strict", "u"))
+    assert strict < x and all(".attn2." in n for n in x)
+    assert {n.split(".attn2.")[1].split(".")[0] for n in x} == {"to_q", "to_k", "to_v", "to_out"}
+    assert {n.split(".attn2.")[1].split(".")[0] for n in strict} == {"to_k", "to_v"}
+    assert not any(".attn2." in n for n in u)
+    assert not any(n.startswith(("unet.time_embedding", "unet.conv_out")) for n in u)
+    assert any(".attn1." in n for n in u) and any("resnets" in n for n in u)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_frozen_passes_see_the_original_model(sd, rank):
+    """Mid-training, ``frozen()`` gives the untrained model's outputs without a copy of it."""
+    a = get_adapter(sd)
+    out0 = unet_out(sd)
+    tr = Trainable(sd, select_params(a, "x"), rank=rank, seed=0)
+    try:
+        with torch.no_grad():
+            for p in tr.parameters():
+                p.add_(0.05)
+        assert not torch.allclose(unet_out(sd), out0)
+        with tr.frozen():
+            assert torch.equal(unet_out(sd), out0)
+        assert not torch.allclose(unet_out(sd), out0)
+    finally:
+        tr.close()
+    assert torch.equal(unet_out(sd), out0)
+
+
+def test_interrupted_run_resumes_to_the_same_edit(sd, tmp_path, monkeypatch):
+    a = get_adapter(sd)
+    cfg = dict(FAST, steps=5)
+    ref = ESD(**cfg).fit(a, [ConceptSpec("star")], progress=False)
+    ck = tmp_path / "run.checkpoint"
+    real = ESD.loss
+
+    def dying(self, adapter, state, trainable, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, adapter, state, trainable, step)
+
+    monkeypatch.setattr(ESD, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, progress=False)
+    monkeypatch.setattr(ESD, "loss", real)
+    assert Checkpoint(ck).load()["step"] == 2
+    with pytest.raises(InvalidInputError, match="--resume"):
+        ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, progress=False)
+    with pytest.raises(InvalidInputError, match="setting lr"):
+        ESD(**dict(cfg, lr=2e-3)).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
+    with pytest.raises(InvalidInputError, match="concepts differ"):
+        ESD(**cfg).fit(a, [ConceptSpec("heart")], checkpoint=ck, resume=True, progress=False)
+    got = ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
+    assert got.manifest["training"]["resumed_at_step"] == 2
+    assert all(torch.equal(ref.tensors()[k], got.tensors()[k]) for k in ref.tensors())
+    assert ref.manifest["training"]["loss"] == got.manifest["training"]["loss"]
+
+
+def test_progress_is_plain_lines_off_a_terminal(sd, capsys):
+    ESD(**dict(FAST, steps=2)).fit(get_adapter(sd), [ConceptSpec("star")])
+    err = capsys.readouterr().err
+    assert "esd step 2/2 loss" in err and "it/s" in err
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(params="y"), "params"),
+    (dict(mixed_precision="fp8"), "mixed_precision"), (dict(rank=-1), "rank")])
+def test_bad_settings_are_one_line(kw, match):
+    with pytest.raises(InvalidInputError, match=match):
+        ESD(**kw)
+
+
+def test_bad_concepts_are_one_line(sd):
+    a = get_adapter(sd)
+    with pytest.raises(InvalidInputError, match="anchor"):
+        ESD(**FAST).fit(a, [ConceptSpec("star", anchor="heart")], progress=False)
+    with pytest.raises(InvalidInputError, match="erase_from"):
+        ESD(**FAST, erase_from="star").fit(a, [ConceptSpec("star")], progress=False)
+    with pytest.raises(InvalidInputError, match="itself as anchor"):
+        ConceptSpec("star", anchor="star")
+
+
+def test_esd_options_run(sd):
+    """erase_from, CompVis sampling with the trained model, and mixed precision take their own paths."""
+    a = get_adapter(sd)
+    for kw in (dict(erase_from="a heart"), dict(xt_from="trained"), dict(mixed_precision="bf16"),
+               dict(params="u", rank=1), dict(gradient_checkpointing=True)):
+        e = ESD(**dict(FAST, steps=2), **kw).fit(a, [ConceptSpec("star")], progress=False)
+        assert e.tensors() and all(torch.isfinite(t).all() for t in e.tensors().values()), kw
+    assert get_method("esd") is ESD
+
+
+# ---------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def model_dir(sd, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    sd.save_pretrained(d)
+    return d
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-c", "from erasekit.cli import main; main()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, **kw)
+
+
+def test_sigkilled_run_resumes_to_the_same_edit(model_dir, tmp_path):
+    """A run killed with SIGKILL mid-way and resumed gives the edit an uninterrupted run gives."""
+    args = ["erase", "--method", "esd", "--concept", "star", "--model", str(model_dir), "--device", "cpu",
+            "--set", "steps=60", "--set", "ddim_steps=6", "--set", "prefetch=2", "--set", "lr=1e-3",
+            "--set", "checkpoint_every=4"]
+    ref = cli(*args, "-o", str(tmp_path / "ref"))
+    killed = cli(*args, "-o", str(tmp_path / "out"))
+    ck = tmp_path / "out.checkpoint"
+    deadline = time.time() + 120
+    while not ck.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    assert ck.exists() and not (tmp_path / "out").exists(), "a killed run left a half-written edit"
+    step = Checkpoint(ck).load()["step"]
+    assert 0 < step < 60
+    resumed = cli(*args, "-o", str(tmp_path / "out"), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert not ck.exists(), "the checkpoint outlived the finished edit"
+    a, b = load_file(tmp_path / "ref" / "edit.safetensors"), load_file(tmp_path / "out" / "edit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_edit(tmp_path / "out").manifest["training"]["resumed_at_step"] == step
+
+
+def test_cli_refusals(model_dir, tmp_path, capsys):
+    base = ["erase", "--method", "esd", "--concept", "star", "--model", str(model_dir), "--device", "cpu",
+            "--set", "steps=2", "--set", "ddim_steps=2"]
+    (tmp_path / "exists").mkdir()
+    assert run([*base, "-o", str(tmp_path / "exists")]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert run([*base, "--set", "steps=0", "-o", str(tmp_path / "o")]) != 0
+    assert "steps" in capsys.readouterr().err
+    (tmp_path / "o.checkpoint").write_text("not ours")
+    assert run([*base, "-o", str(tmp_path / "o"), "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "not a readable erasekit checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert run([*base, "-o", str(tmp_path / "o"), "--overwrite"]) != 0, "a file we did not write was replaced"
+    assert (tmp_path / "o.checkpoint").read_text() == "not ours"
+    assert run(["erase", "--method", "uce", "--concept", "star", "--resume", "-o", str(tmp_path / "u")]) != 0
+    assert "fine-tuning" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(model_dir, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert run(["erase", "--method", "esd", "--concept", "star", "--model", str(model_dir), "--device", "cpu",
+                    "--set", "steps=2", "--set", "ddim_steps=2", "-o", str(ro / "p")]) != 0
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
