@@ -12,7 +12,10 @@ ONES, ZEROS = np.ones(40), np.zeros(40)
 def test_efficacy_of_a_perfect_eraser():
     m = efficacy({"original": ONES, "patched": ZEROS}, {"original": ONES * 0.9, "patched": ZEROS + 0.1})
     assert m["efficacy_original"]["value"] == 1 and m["efficacy_patched"]["value"] == 0
-    assert m["efficacy_drop"]["value"] == 1 and m["efficacy_drop"]["ci95"] == [1, 1]
+    # a drop of 40 of 40 is not a point: Newcombe's square-and-add of the two Wilson bounds
+    w = 1.959964**2 / (40 + 1.959964**2)  # Wilson's distance from 0 of n (and from n of n) for n = 40
+    assert m["efficacy_drop"]["value"] == 1 and m["efficacy_drop"]["ci95"][1] == 1
+    assert m["efficacy_drop"]["ci95"][0] == pytest.approx(1 - np.hypot(w, w))
     assert m["p_target_patched"]["value"] == pytest.approx(0.1)
 
 

@@ -9,6 +9,7 @@ weights can be had; never required offline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,13 +34,15 @@ class _Features(torch.nn.Module):
         return self.judge.features(x.float() * 2 - 1).double()
 
 
-def feature_distance(judge: Any, original: np.ndarray, patched: np.ndarray) -> dict[str, Any] | None:
-    """Mean per-seed distance ||f(patched) - f(original)|| / mean ||f(original)||; None without features."""
+def feature_distance(judge: Any, original: np.ndarray, patched: np.ndarray,
+                     clusters: Sequence[Any] | None = None) -> dict[str, Any] | None:
+    """Mean per-seed distance ||f(patched) - f(original)|| / mean ||f(original)||; None without
+    features. The interval resamples prompts (``clusters``: each image's prompt)."""
     fo, fp = judge.features(_to_unit(original) * 2 - 1), judge.features(_to_unit(patched) * 2 - 1)
     if fo is None:
         return None
     scale = fo.norm(dim=-1).mean()
-    return bootstrap(((fp - fo).norm(dim=-1) / scale).numpy()).as_dict()
+    return bootstrap(((fp - fo).norm(dim=-1) / scale).numpy(), clusters=clusters, rate=False).as_dict()
 
 
 FEATURE_SPACES = ("judge", "inception")
@@ -104,10 +107,12 @@ def distribution_distances(judge: Any, a: np.ndarray, b: np.ndarray, features: s
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std), "feature_space": space}
 
 
-def fidelity(judge: Any, original: np.ndarray, patched: np.ndarray, features: str = "judge") -> dict[str, Any]:
+def fidelity(judge: Any, original: np.ndarray, patched: np.ndarray, features: str = "judge",
+             clusters: Sequence[Any] | None = None) -> dict[str, Any]:
     """Both views for the non-target images; a judge without features (a detector) skips the
-    per-seed distance, and FID/KID too unless Inception features are asked for."""
-    dist = feature_distance(judge, original, patched)
+    per-seed distance, and FID/KID too unless Inception features are asked for. FID and KID are
+    point estimates (KID with the spread over its random subsets), without a confidence interval."""
+    dist = feature_distance(judge, original, patched, clusters)
     if dist is None and features == "judge":
         return {"feature_distance": None, "distribution": {"skipped": f"the {judge.name} judge has no image features"}}
     return {"feature_distance": dist, "distribution": distribution_distances(judge, original, patched, features)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,8 @@ import numpy as np
 from ..stats import bootstrap, bootstrap_diff
 
 
-def specificity(correct: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def specificity(correct: dict[str, dict[str, np.ndarray]],
+                clusters: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
     """Accuracy of the judge against what each prompt asked for, per part, before and after.
 
     ``correct[part][v]`` holds 0/1 per image for ``part`` in ("neighbours", "unrelated",
@@ -18,13 +20,15 @@ def specificity(correct: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     axes on those prompts; collateral are the other axes on the prompts that name the erased
     concept (erasing "star" should not recolour "a green star"). The ``_drop`` entries are paired
     differences original - patched (positive = damage). The harmonic score uses neighbours and
-    unrelated only, as MACE defines it.
+    unrelated only, as MACE defines it. ``clusters[part]`` names each image's prompt.
     """
     out: dict[str, Any] = {}
     for part, by_version in correct.items():
+        c = (clusters or {}).get(part)
         for v in ("original", "patched"):
-            out[f"specificity_{part}_{v}"] = bootstrap(by_version[v]).as_dict()
-        out[f"specificity_{part}_drop"] = bootstrap_diff(by_version["original"], by_version["patched"]).as_dict()
+            out[f"specificity_{part}_{v}"] = bootstrap(by_version[v], clusters=c).as_dict()
+        out[f"specificity_{part}_drop"] = bootstrap_diff(by_version["original"], by_version["patched"],
+                                                         clusters=c).as_dict()
     return out
 
 
