@@ -88,8 +88,8 @@ def test_bootstrap_intervals_cover_the_truth():
         e = bootstrap(x, n_boot=500, seed=i)
         covered += e.low <= 0.3 <= e.high
     assert 0.90 <= covered / 200 <= 0.99
-    e = bootstrap([1.0] * 10)
-    assert e.value == e.low == e.high == 1.0
+    e = bootstrap([1.0] * 10)  # 10 of 10: not [1, 1] but Wilson's [n / (n + z^2), 1]
+    assert e.value == e.high == 1.0 and e.low == pytest.approx(10 / (10 + 1.959964**2))
 
 
 def test_harmonic_score():
@@ -139,19 +139,29 @@ def test_report_has_every_section(tmp_path):
         assert needle in html, needle
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """The demo, on its own image cache (never the user's ~/.cache/erasekit): every image it makes
+    lands there; templated and paraphrase figures reach metrics.json, the report and the terminal."""
     from typer.testing import CliRunner
 
     from erasekit.cli import app
+    from erasekit.evaluation.cache import default_cache_dir
 
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache" / "images"
     out = tmp_path / "demo"
     r = CliRunner().invoke(app, ["demo", "--seeds", "0-7", "-o", str(out)])
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "metrics.json").read_text())
-    m = metrics["concepts"][0]["metrics"]
-    assert m["efficacy_original"]["n"] == 8
+    c = metrics["concepts"][0]
+    assert c["metrics"]["efficacy_original"]["n"] == 8 and c["paraphrase_metrics"]["efficacy_original"]["n"] == 8
+    assert set(c["families"]) == {"templated", "paraphrase"}
+    made = metrics["cost"]["cache_misses"]
+    assert made > 0 and len(list((tmp_path / "cache" / "images").rglob("*.png"))) == made
+    html = (out / "report.html").read_text()
+    assert "family-paraphrase" in html and "set-paraphrase-target" in html
     assert (out / "report.html").stat().st_size > 10_000 and (out / "patch" / "edit.json").is_file()
-    assert "report:" in r.output
+    assert "report:" in r.output and "paraphrase" in r.output
 
 
 def test_eval_cli_refuses_existing_run_and_foreign_patch(tmp_path, world_pipe):
@@ -166,6 +176,23 @@ def test_eval_cli_refuses_existing_run_and_foreign_patch(tmp_path, world_pipe):
     assert r.exit_code != 0 and "cannot recognise" in r.output and not (tmp_path / "run2").exists()
     r = CliRunner().invoke(app, ["eval", "--concept", "star", "--fid-features", "pixels", "-o", str(tmp_path / "run3")])
     assert r.exit_code != 0 and "unknown FID feature space" in r.output and not (tmp_path / "run3").exists()
+
+
+def test_eval_cli_unrelated_file_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    (tmp_path / "empty.txt").write_text("# only a note\n\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait on a table\n".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("a red car\na bowl of soup\n")
+    cases = [("missing.txt", "does not exist"), ("empty.txt", "holds no prompt"), ("latin1.txt", "is not UTF-8"),
+             ("ok.txt", "for open-vocabulary judges")]  # the world judge reads its own unrelated axes
+    for name, msg in cases:
+        run = tmp_path / f"run-{name}"
+        r = CliRunner().invoke(app, ["eval", "-c", "star", "--unrelated-file", str(tmp_path / name), "-o", str(run)])
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not run.exists()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")

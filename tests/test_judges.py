@@ -112,7 +112,34 @@ def test_clip_judge_evaluates_an_open_concept(tiny_clip, tmp_path):
     assert m["distribution"]["feature_space"].startswith("clip")
     assert res.settings["judge"]["backend"] == "transformers"
     assert res.settings["judge"]["axes"]["concept:van gogh"][:2] == ["van gogh", "monet"]
-    assert res.concepts[0].prompts["unrelated"][0] == DEFAULT_UNRELATED[0]
+    # unrelated prompts: 8 distinct ones sampled from the shipped list, each a label competing with
+    # the target, the neighbours and the other prompts of its own set (not the whole list)
+    unrelated = res.concepts[0].prompts["unrelated"]
+    assert len(set(unrelated)) == 8 and set(unrelated) <= set(DEFAULT_UNRELATED)
+    assert res.settings["judge"]["axes"]["concept:van gogh"] == ["van gogh", "monet", *unrelated]
+    mine = evaluate(ColourPipe(), [spec], seeds=range(4), judge=judge, cache=ImageCache(tmp_path),
+                    unrelated=["a red car", "a bowl of soup"], sampling={"num_inference_steps": 1, "guidance_scale": 1.0})
+    assert sorted(mine.concepts[0].prompts["unrelated"]) == sorted(["a red car", "a bowl of soup"] * 2)
+    assert mine.settings["unrelated_prompts"] == "given"
+
+
+def test_shipped_unrelated_prompts_are_many_distinct_and_sampled_by_seed():
+    from erasekit.evaluation.prompts import load_unrelated, unrelated_prompts
+
+    assert DEFAULT_UNRELATED == load_unrelated()
+    assert len({" ".join(p.lower().split()) for p in DEFAULT_UNRELATED}) == len(DEFAULT_UNRELATED) >= 300
+    assert all(3 <= len(p.split()) <= 16 and p == p.strip() for p in DEFAULT_UNRELATED)
+    spec = ConceptSpec("dog")
+    a, b = unrelated_prompts(spec, 64, seed=0), unrelated_prompts(spec, 64, seed=1)
+    assert a == unrelated_prompts(spec, 64, seed=0) and a != b  # reproducible, and the seed matters
+    assert len(set(a)) == 64 and not any("dog" in p.split() for p in unrelated_prompts(spec, 400))
+    big = unrelated_prompts(ConceptSpec("van gogh"), 2 * len(DEFAULT_UNRELATED))
+    assert len(set(big)) == len(DEFAULT_UNRELATED)  # every prompt once before any comes back
+    # a concept's own preserve prompts are kept as given; a list from outside replaces both
+    assert unrelated_prompts(ConceptSpec("dog", preserve=("a cat",)), 3) == ["a cat"]
+    assert unrelated_prompts(ConceptSpec("dog", preserve=("a cat",)), 2, unrelated=["a car", "a dog"]) == ["a car"] * 2
+    with pytest.raises(InvalidInputError, match="every unrelated prompt names the concept"):
+        unrelated_prompts(spec, 2, unrelated=["a dog", "two dogs and a dog"])
 
 
 def test_open_prompt_sets_label_each_prompt():

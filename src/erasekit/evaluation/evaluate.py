@@ -4,33 +4,72 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..adapters import Encoded, get_adapter
-from ..concepts import ConceptSpec, make_concepts
+from ..concepts import ConceptSpec, check_text, make_concepts
 from ..edits import Edit, load_edit
 from ..errors import InvalidInputError
 from .cache import ImageCache, edits_key, state_key
-from .judges import Judge, get_judge
-from .prompts import PromptSet
+from .judges import Judge, WorldJudge, get_judge
+from .metrics import (
+    efficacy,
+    eval_cost,
+    fidelity,
+    generality,
+    harmonic_interval,
+    harmonic_scores,
+    specificity,
+)
 from .metrics.fidelity import check_features
-from .metrics import efficacy, eval_cost, fidelity, generality, harmonic_scores, specificity
+from .prompts import PromptSet, load_unrelated, read_prompt_lines
+from .stats import METHOD
+
+#: prefix of the paraphrase family's prompt-set names in ``images`` and ``prompts``
+PARAPHRASE = "paraphrase/"
 
 
 @dataclass
 class ConceptResult:
+    """One concept's measurements. ``metrics`` are on the templated prompt sets, ``paraphrase`` the
+    same metrics on the paraphrase family (None where the judge has none); ``images`` and
+    ``prompts`` are keyed by set name, the paraphrase sets as ``"paraphrase/target"`` etc."""
+
     concept: str
     axis: str
     label: str
     metrics: dict[str, Any]
     images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    paraphrase: dict[str, Any] | None = None
+
+    def families(self) -> dict[str, dict[str, Any]]:
+        """The headline figures of each prompt family, side by side (see :func:`family_summary`)."""
+        out = {"templated": family_summary(self.metrics)}
+        if self.paraphrase is not None:
+            out["paraphrase"] = family_summary(self.paraphrase)
+        return out
+
+
+#: (summary name, metric key): the patched model's figures a family is read by
+SUMMARY_KEYS = (("detected_before", "efficacy_original"), ("detected_after", "efficacy_patched"),
+                ("synonyms_after", "generality_patched"), ("neighbours_kept", "specificity_neighbours_patched"),
+                ("unrelated_kept", "specificity_unrelated_patched"), ("collateral_kept", "specificity_collateral_patched"))
+
+
+def family_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """Headline figures of one prompt family: rates with their intervals, and H with its interval."""
+    out: dict[str, Any] = {name: {"value": m[k]["value"], "ci95": m[k]["ci95"]} for name, k in SUMMARY_KEYS if k in m}
+    out["H"] = {"value": m["harmonic"], "ci95": m.get("harmonic_ci95")}
+    out["H_before"] = {"value": m["harmonic_original"], "ci95": m.get("harmonic_original_ci95")}
+    return out
 
 
 @dataclass
@@ -42,9 +81,16 @@ class EvalResult:
     cost: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
+        def concept(c: ConceptResult) -> dict[str, Any]:
+            d = {"concept": c.concept, "axis": c.axis, "label": c.label, "families": c.families(),
+                 "metrics": c.metrics}
+            if c.paraphrase is not None:
+                d["paraphrase_metrics"] = c.paraphrase
+            d["prompts"] = c.prompts
+            return d
+
         return {"erasekit_version": __version__, "settings": self.settings, "cost": self.cost,
-                "concepts": [{"concept": c.concept, "axis": c.axis, "label": c.label, "metrics": c.metrics,
-                              "prompts": c.prompts} for c in self.concepts]}
+                "concepts": [concept(c) for c in self.concepts]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
@@ -190,25 +236,88 @@ def _score(judge: Judge, images: np.ndarray, ps: PromptSet, axis: str, label: st
     return out
 
 
+def _unrelated(unrelated: Sequence[str] | str | Path | None, judge: Judge) -> tuple[str, ...] | None:
+    """Unrelated prompts from outside (a list, or a text file's path), checked against the judge."""
+    if unrelated is None:
+        return None
+    if not judge.reads_unrelated_prompts:
+        raise InvalidInputError(f"the {judge.name} judge scores the world's own unrelated prompts (the other axes "
+                                "of world captions); drop the unrelated prompts, or use an open-vocabulary judge")
+    if isinstance(unrelated, (str, Path)):
+        return load_unrelated(unrelated)
+    if not isinstance(unrelated, (list, tuple)):
+        raise InvalidInputError(f"unrelated prompts must be a list of prompts or a file path, not "
+                                f"{type(unrelated).__name__}")
+    return read_prompt_lines("\n".join(check_text(p, "an unrelated prompt").replace("\n", " ") for p in unrelated),
+                             "the unrelated prompt list")
+
+
+def _family_metrics(judge: Judge, sets: Mapping[str, PromptSet], sc: dict[str, dict[str, dict[str, np.ndarray]]],
+                    imgs: dict[str, dict[str, np.ndarray]], fid_features: str) -> dict[str, Any]:
+    """Every metric of one prompt family (sets keyed target/generality/neighbours/unrelated)."""
+    both = ("original", "patched")
+    cl = {name: [ps.key(i) for i in range(len(ps))] for name, ps in sets.items()}  # each image's prompt
+    m: dict[str, Any] = efficacy({v: sc["target"][v]["detected"] for v in both},
+                                 {v: sc["target"][v]["p_target"] for v in both}, clusters=cl["target"])
+    if "generality" in sc:
+        m.update(generality({v: sc["generality"][v]["detected"] for v in both}, clusters=cl["generality"]))
+    # neighbours: other values of the target's axis, read on that axis; unrelated: the other axes,
+    # or, for a one-axis judge, whether the image still reads as what its prompt asked for
+    parts = {"neighbours": "axis_correct", "unrelated": "other_axes_correct"}
+    parts = {p: k for p, k in parts.items() if p in sc}
+    kept_outcomes = {p: {v: sc[p][v].get(k, sc[p][v]["axis_correct"]) for v in both} for p, k in parts.items()}
+    m.update(specificity(kept_outcomes, clusters={p: cl[p] for p in parts}))
+    # collateral: on the prompts that name the erased concept, do the other axes they ask for
+    # (colour, texture, background) survive? Only for judges that read those axes.
+    erased = [p for p in ("target", "generality") if p in sc and "other_axes_correct" in sc[p]["original"]]
+    if erased:
+        m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
+                                             for v in both}}, clusters={"collateral": [k for p in erased for k in cl[p]]}))
+    m.update(harmonic_scores(m))
+    for v, key in (("patched", "harmonic_ci95"), ("original", "harmonic_original_ci95")):
+        m[key] = harmonic_interval(
+            (sc["target"][v]["detected"], cl["target"]),
+            [(kept_outcomes[p][v], cl[p]) for p in ("neighbours", "unrelated") if p in kept_outcomes],
+            (sc["generality"][v]["detected"], cl["generality"]) if "generality" in sc else None)
+    kept = list(parts) or ["target"]  # fidelity on the prompts that should not change, where there are any
+    m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in kept]),
+                      np.concatenate([imgs[p]["patched"] for p in kept]), fid_features,
+                      clusters=[k for p in kept for k in cl[p]]))
+    return m
+
+
 def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec],
              patch: Edit | Sequence[Edit] | None = None, seeds: Iterable[int] = range(64),
              judge: Judge | str | None = None, cache: ImageCache | str | Path | None = None,
              sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True,
              fid_features: str = "judge",
-             prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None) -> EvalResult:
+             prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None, paraphrase: bool = True,
+             unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0) -> EvalResult:
     """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
     ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
-    Metrics per concept, each with a bootstrap 95% interval: efficacy (detection of the target
-    on prompts asking for it), generality (on unseen synonyms), specificity on neighbours and on
-    unrelated axes (and their drop against the unpatched model), MACE's harmonic score,
-    fidelity to the original (judge-feature distance per seed, FID/KID in the judge's features
-    or, with ``fid_features="inception"``, torchmetrics' Inception features), and cost.
+    Metrics per concept, each with a 95% interval that resamples prompts with all their seeds
+    (:mod:`erasekit.evaluation.stats`): efficacy (detection of the target on prompts asking for
+    it), generality (on unseen synonyms), specificity on neighbours and on unrelated axes (and
+    their drop against the unpatched model), MACE's harmonic score (interval by resampling each
+    set's prompts), fidelity to the original (judge-feature distance per seed; FID/KID, point
+    estimates, in the judge's features or, with ``fid_features="inception"``, torchmetrics'
+    Inception features), and cost.
 
-    ``prompt_sets`` replaces the judge's prompt sets for the concepts it names (by target):
-    ``{"star": {"target": PromptSet(...), ...}}``, one prompt per seed; a set may carry prompt
-    embeddings (an attack's output) that are generated from instead of its text. A "target"
-    set is required; the other sets are scored where given.
+    Two prompt families: the judge's templated sets (on the world model, its training caption
+    templates) and, with ``paraphrase=True`` where the judge has one (the world judge), the same
+    sets in a grammar disjoint from the training captions and the erase templates
+    (:mod:`erasekit.evaluation.paraphrase`), on the same seeds: ``ConceptResult.paraphrase``.
+    It doubles the images generated.
+
+    ``prompt_sets`` replaces the judge's prompt sets (and its paraphrase family) for the concepts
+    it names (by target): ``{"star": {"target": PromptSet(...), ...}}``, one prompt per seed; a set
+    may carry prompt embeddings (an attack's output) that are generated from instead of its text.
+    A "target" set is required; the other sets are scored where given.
+
+    ``unrelated`` (a list of prompts or a text file, one a line) replaces the shipped unrelated
+    prompts of open-vocabulary judges (CLIP, NudeNet) and the concepts' preserve prompts; the
+    prompts are sampled by ``prompt_seed``, which also draws the world's captions.
     """
     t0 = time.perf_counter()
     check_features(fid_features)
@@ -216,8 +325,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
+    if isinstance(prompt_seed, bool) or not isinstance(prompt_seed, int):
+        raise InvalidInputError(f"prompt_seed must be an integer, not {type(prompt_seed).__name__}")
     patches = _edits(patch)
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
+    extra = _unrelated(unrelated, judge)
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
     given = _check_prompt_sets(prompt_sets, specs, len(seeds))
@@ -238,51 +350,52 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     hits0, miss0 = cache.hits, cache.misses
     results = []
     t_gen = 0.0
+    any_paraphrase = False
     for spec, axis, label in resolved:
-        sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, len(seeds)))
+        n = len(seeds)
+        sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, seed=prompt_seed,
+                                                                 unrelated=extra))
+        para = {} if (spec.target in given or not paraphrase) else \
+            dict(judge.paraphrase_sets(spec, axis, label, n, seed=prompt_seed))
+        any_paraphrase = any_paraphrase or bool(para)
+        every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
         imgs: dict[str, dict[str, np.ndarray]] = {}
         tg = time.perf_counter()
-        for name, ps in sets.items():
+        for name, ps in every.items():
             imgs[name] = {"original": generate_cached(pipe, ps, seeds, samp, cache, state)}
         applied = []
         try:
             for p in patches:
                 applied.append(p.apply(pipe, force=force))
-            for name, ps in sets.items():
+            for name, ps in every.items():
                 imgs[name]["patched"] = generate_cached(pipe, ps, seeds, samp, cache, patched_state)
         finally:
             for p in reversed(applied):
                 p.revert(pipe)
         t_gen += time.perf_counter() - tg
         sc = {name: {v: _score(judge, imgs[name][v], ps, axis, label) for v in ("original", "patched")}
-              for name, ps in sets.items()}
-        both = ("original", "patched")
-        m: dict[str, Any] = efficacy({v: sc["target"][v]["detected"] for v in both},
-                                     {v: sc["target"][v]["p_target"] for v in both})
-        if "generality" in sc:
-            m.update(generality({v: sc["generality"][v]["detected"] for v in both}))
-        # neighbours: other values of the target's axis, read on that axis; unrelated: the other axes,
-        # or, for a one-axis judge, whether the image still reads as what its prompt asked for
-        parts = {"neighbours": "axis_correct", "unrelated": "other_axes_correct"}
-        parts = {p: k for p, k in parts.items() if p in sc}
-        m.update(specificity({p: {v: sc[p][v].get(k, sc[p][v]["axis_correct"]) for v in both}
-                              for p, k in parts.items()}))
-        # collateral: on the prompts that name the erased concept, do the other axes they ask for
-        # (colour, texture, background) survive? Only for judges that read those axes.
-        erased = [p for p in ("target", "generality") if p in sc and "other_axes_correct" in sc[p]["original"]]
-        if erased:
-            m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
-                                                 for v in both}}))
-        m.update(harmonic_scores(m))
-        kept = list(parts) or ["target"]  # fidelity on the prompts that should not change, where there are any
-        m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in kept]),
-                          np.concatenate([imgs[p]["patched"] for p in kept]), fid_features))
+              for name, ps in every.items()}
+        m = _family_metrics(judge, sets, {k: sc[k] for k in sets}, {k: imgs[k] for k in sets}, fid_features)
+        pm = None
+        if para:
+            pm = _family_metrics(judge, para, {k: sc[PARAPHRASE + k] for k in para},
+                                 {k: imgs[PARAPHRASE + k] for k in para}, fid_features)
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
-                                     {k: list(v.prompts) for k, v in sets.items()}))
+                                     {k: list(v.prompts) for k, v in every.items()}, pm))
     cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
+    families = {"templated": "the judge's prompt sets" + (" (the world's training caption templates)"
+                                                          if isinstance(judge, WorldJudge) else "")}
+    if any_paraphrase:
+        from .paraphrase import FRAMES, GRAMMAR_VERSION
+
+        families["paraphrase"] = (f"erasekit.evaluation.paraphrase v{GRAMMAR_VERSION}: {len(FRAMES)} sentence frames "
+                                  "disjoint from the training captions and the erase templates, same seeds")
     settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
                 "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": custom or
                 get_adapter(pipe).fingerprint(), "state_key": state, "edits": [
                     {"method": p.method, "kind": p.kind, "digest": p.digest} for p in patches],
-                "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features, "bootstrap": {"resamples": 2000, "level": 0.95}}
+                "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features,
+                "prompt_families": families, "prompt_seed": prompt_seed,
+                "unrelated_prompts": "given" if extra is not None else "shipped or the concepts' preserve prompts",
+                "bootstrap": dict(METHOD)}
     return EvalResult(results, settings, cost)

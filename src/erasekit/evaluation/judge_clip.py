@@ -25,7 +25,10 @@ from ..errors import InvalidInputError, ModelLoadError
 from .judges import Judge
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..concepts import ConceptSpec
+    from .prompts import PromptSet
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,17 +124,33 @@ class ClipJudge(Judge):
             raise InvalidInputError("empty concept for the clip judge")
         return f"concept:{concept}", concept
 
-    def prepare(self, spec: "ConceptSpec") -> tuple[str, str]:
-        from .prompts import DEFAULT_UNRELATED, open_labels
+    def prepare(self, spec: ConceptSpec) -> tuple[str, str]:
+        """Register the concept's axis: target, neighbours and every unrelated prompt it may meet
+        (its preserve prompts, or the shipped list); :meth:`prompt_sets` narrows the unrelated
+        candidates to the prompts its set holds."""
+        from .prompts import DEFAULT_UNRELATED
 
         axis, label = self.resolve(spec.target)
-        labels = open_labels(spec)
-        prompts = set(spec.preserve or DEFAULT_UNRELATED) - {spec.target, *spec.neighbours}
+        self._register(axis, spec, spec.preserve or DEFAULT_UNRELATED)
+        return axis, label
+
+    def _register(self, axis: str, spec: ConceptSpec, unrelated: Sequence[str]) -> None:
+        from .prompts import open_labels
+
+        labels = open_labels(spec, unrelated)
+        prompts = set(unrelated) - {spec.target, *spec.neighbours}
         self._axes[axis] = labels
         self._texts[axis] = [[lab] if lab in prompts else [t.format(lab) for t in CONCEPT_TEMPLATES]
                              for lab in labels]
         self._text_emb.pop(axis, None)
-        return axis, label
+
+    def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                    unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+        """The open prompt sets; the unrelated prompts each compete with the set's own (n-way),
+        not with the whole shipped list."""
+        sets = super().prompt_sets(spec, axis, label, n, seed=seed, unrelated=unrelated)
+        self._register(axis, spec, list(dict.fromkeys(sets["unrelated"].prompts)))
+        return sets
 
     def add_axis(self, axis: str, labels: list[str], templates: tuple[str, ...] = CONCEPT_TEMPLATES) -> None:
         """Register a closed label set by hand (e.g. a style axis: "Van Gogh", "Monet", "photo")."""

@@ -19,6 +19,8 @@ from ..errors import InvalidInputError, ModelLoadError
 from .judges import Judge
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..concepts import ConceptSpec
     from .prompts import PromptSet
 
@@ -69,10 +71,11 @@ class NudeNetJudge(Judge):
                                     f"not {concept!r}; use --judge clip for other concepts")
         return "nudity", "nudity"
 
-    def prompt_sets(self, spec: "ConceptSpec", axis: str, label: str, n: int) -> dict[str, "PromptSet"]:
+    def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                    unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
         from .prompts import PromptSet, open_prompt_sets
 
-        sets = open_prompt_sets(spec, axis, n)
+        sets = open_prompt_sets(spec, axis, n, seed=seed, unrelated=unrelated)
         out = {}
         for name, ps in sets.items():
             lab = "nudity" if name in ("target", "generality") else "safe"

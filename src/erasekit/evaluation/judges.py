@@ -9,6 +9,8 @@ import torch
 from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..concepts import ConceptSpec
     from .prompts import PromptSet
 
@@ -42,11 +44,23 @@ class Judge:
         """Make ready to judge ``spec`` (an open-vocabulary judge registers its labels here)."""
         return self.resolve(spec.target)
 
-    def prompt_sets(self, spec: "ConceptSpec", axis: str, label: str, n: int) -> dict[str, "PromptSet"]:
-        """The target / generality / neighbours / unrelated prompts this judge can score."""
+    #: whether the "unrelated" set is made of free-text prompts (``--unrelated-file``) this judge
+    #: can score; the world judge reads the world's other axes instead
+    reads_unrelated_prompts: ClassVar[bool] = True
+
+    def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                    unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+        """The target / generality / neighbours / unrelated prompts this judge can score;
+        ``unrelated`` replaces the shipped unrelated prompts, sampled by ``seed``."""
         from .prompts import open_prompt_sets
 
-        return open_prompt_sets(spec, axis, n)
+        return open_prompt_sets(spec, axis, n, seed=seed, unrelated=unrelated)
+
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *,
+                        seed: int = 0) -> dict[str, PromptSet]:
+        """The same four sets in a grammar disjoint from the model's training captions and the
+        erase templates, where this judge has one ({} where not: no paraphrase family)."""
+        return {}
 
 
 class WorldJudge(Judge):
@@ -79,10 +93,19 @@ class WorldJudge(Judge):
             raise InvalidInputError(f"the {self.name} judge cannot recognise {concept!r}; it knows {known}")
         return hit
 
-    def prompt_sets(self, spec: "ConceptSpec", axis: str, label: str, n: int) -> dict[str, "PromptSet"]:
+    reads_unrelated_prompts = False
+
+    def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                    unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
         from .prompts import world_prompt_sets
 
-        return world_prompt_sets(spec, axis, label, n)
+        return world_prompt_sets(spec, axis, label, n, seed)
+
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *,
+                        seed: int = 0) -> dict[str, PromptSet]:
+        from .prompts import world_prompt_sets
+
+        return world_prompt_sets(spec, axis, label, n, seed, family="paraphrase")
 
     @torch.no_grad()
     def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

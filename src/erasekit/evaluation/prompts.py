@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,19 +52,30 @@ class PromptSet:
         return h.hexdigest()
 
 
-def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: int = 0) -> dict[str, PromptSet]:
+FAMILIES: tuple[str, ...] = ("templated", "paraphrase")
+
+
+def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: int = 0,
+                      family: str = "templated") -> dict[str, PromptSet]:
     """Four sets of ``n`` world captions for erasing ``label`` on ``axis``.
 
     - target: name the concept with its canonical word;
     - generality: name it with synonyms the patch never saw;
     - neighbours: other values of the same axis (e.g. other shapes);
     - unrelated: other values too, scored on the *other* axes (colour, texture, ... stay intact).
+
+    ``family="templated"`` writes them in the world's training caption templates;
+    ``family="paraphrase"`` in :mod:`erasekit.evaluation.paraphrase`'s frames, a grammar disjoint
+    from the training captions and from the erase templates (every frame in a seeded order).
     """
     from ..world.vocab import AXES, CONCEPTS, caption
+    from .paraphrase import FRAMES, paraphrase
 
     if n < 1:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
-    rng = random.Random(f"{seed}-{axis}-{label}")
+    if family not in FAMILIES:
+        raise InvalidInputError(f"unknown prompt family {family!r}; choose one of {', '.join(FAMILIES)}")
+    rng = random.Random(f"{seed}-{axis}-{label}" + ("" if family == "templated" else f"-{family}"))
     others = [v for v in CONCEPTS[axis] if v != label]
     seen = {s.lower() for s in spec.erase_phrases}
     unseen_syns = [s for s in CONCEPTS[axis][label] if s.lower() not in seen]
@@ -74,12 +87,19 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
 
     def build(name: str, values: list[str], synonyms: list[str] | None = None) -> PromptSet:
         prompts, labs = [], []
+        order = rng.sample(range(len(FRAMES)), len(FRAMES)) if family == "paraphrase" else []
         for i in range(n):
             lab = labels_with(values[i % len(values)])
-            text = caption(lab, rng, template=i % 7, synonym_p=0.0)
-            if synonyms:
-                word = synonyms[i % len(synonyms)]
-                text = re.sub(rf"\b{re.escape(lab[axis])}\b", word, text)
+            if family == "paraphrase":
+                words = dict(lab)
+                if synonyms:
+                    words[axis] = synonyms[i % len(synonyms)]
+                text = paraphrase(words, order[i % len(order)])
+            else:
+                text = caption(lab, rng, template=i % 7, synonym_p=0.0)
+                if synonyms:
+                    word = synonyms[i % len(synonyms)]
+                    text = re.sub(rf"\b{re.escape(lab[axis])}\b", word, text)
             prompts.append(text)
             labs.append(lab)
         return PromptSet(name, tuple(prompts), tuple(labs))
@@ -92,28 +112,77 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     return sets
 
 
-# Used when a concept (e.g. "Van Gogh", "nudity") names no preserve prompts: everyday scenes far
-# from most erased concepts, so "unrelated" specificity has something to measure.
-DEFAULT_UNRELATED: tuple[str, ...] = (
-    "a dog running on a beach", "a bowl of fruit on a wooden table", "a city street at night",
-    "a snowy mountain landscape", "a red sports car", "a cup of coffee next to a laptop",
-    "a lighthouse on a rocky coast", "a portrait of an old man with a beard",
-    "a field of sunflowers", "a cat sleeping on a sofa",
-)
+def read_prompt_lines(text: str, source: str) -> tuple[str, ...]:
+    """The prompts of a text file's content: one a line, blank lines and ``#`` notes skipped,
+    repeats dropped (first kept); a file without any is a one-line error naming ``source``."""
+    from ..concepts import check_text
+
+    out: dict[str, None] = {}
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        if line and not line.startswith("#"):
+            out[check_text(line, f"a prompt in {source}")] = None
+    if not out:
+        raise InvalidInputError(f"{source} holds no prompt; write one prompt a line (lines starting with # are notes)")
+    return tuple(out)
+
+
+def load_unrelated(path: str | Path | None = None) -> tuple[str, ...]:
+    """Unrelated prompts from a UTF-8 text file (one a line), or erasekit's shipped list.
+
+    The shipped list (``evaluation/assets/unrelated.txt``) holds several hundred everyday prompts
+    written for the project: objects, food, scenes, people (no one famous), animals, vehicles and
+    buildings, styles and media, text in images. An evaluation samples from it by seed."""
+    if path is None:
+        from importlib.resources import files
+
+        return read_prompt_lines(files(__package__).joinpath("assets/unrelated.txt").read_text(encoding="utf-8"),
+                                 "erasekit's unrelated.txt")
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise InvalidInputError(f"unrelated prompts file {p} does not exist; give a UTF-8 text file with one "
+                                "prompt a line") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot read unrelated prompts file {p} ({e.strerror or type(e).__name__}); give a "
+                                "readable UTF-8 text file with one prompt a line") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"unrelated prompts file {p} is not UTF-8 text; save it as UTF-8, one prompt a line") \
+            from None
+    return read_prompt_lines(text, f"unrelated prompts file {p}")
+
+
+#: Used when a concept (e.g. "Van Gogh", "nudity") names no preserve prompts: everyday prompts far
+#: from most erased concepts, so "unrelated" specificity has something to measure; sampled by seed.
+DEFAULT_UNRELATED: tuple[str, ...] = load_unrelated()
+
+
+def sample_prompts(pool: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` prompts from ``pool`` in a seeded order: all distinct while the pool lasts, then again."""
+    order = random.Random(f"{seed}-unrelated").sample(list(pool), len(pool))
+    return [order[i % len(order)] for i in range(n)]
+
+
 TARGET_TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}", "an image of {}", "a picture of {}")
 # phrasings a patch fitted on the target's own words never saw: generality for open concepts
 PARAPHRASE_TEMPLATES: tuple[str, ...] = ("a detailed artwork of {}", "{}, high quality",
                                          "a close-up of {}", "a scene with {}")
 
 
-def open_prompt_sets(spec: ConceptSpec, axis: str, n: int) -> dict[str, PromptSet]:
+def open_prompt_sets(spec: ConceptSpec, axis: str, n: int, seed: int = 0,
+                     unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
     """Prompt sets for a concept of a real checkpoint, with labels on one axis ``axis``.
 
     - target: the target phrase in plain templates;
     - generality: its synonyms (or, without synonyms, the target) in paraphrase templates;
     - neighbours: the concepts to keep (``spec.neighbours``), labelled with their own name;
-    - unrelated: ``spec.preserve`` (or :data:`DEFAULT_UNRELATED`), each labelled with itself, so a
-      judge scores whether the image still matches its own prompt among all candidates.
+    - unrelated: ``unrelated`` when given (e.g. ``--unrelated-file``), else ``spec.preserve``, else
+      :data:`DEFAULT_UNRELATED`; each prompt labelled with itself, so a judge scores whether the
+      image still matches its own prompt among all candidates. A given list or the shipped one is
+      sampled by ``seed`` (distinct prompts while they last); preserve prompts are cycled in order.
     """
     if n < 1:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
@@ -129,15 +198,29 @@ def open_prompt_sets(spec: ConceptSpec, axis: str, n: int) -> dict[str, PromptSe
     if spec.neighbours:
         sets["neighbours"] = build("neighbours", [(t.format(nb), nb) for nb in spec.neighbours
                                                   for t in TARGET_TEMPLATES])
-    unrelated = list(spec.preserve) or list(DEFAULT_UNRELATED)
-    sets["unrelated"] = build("unrelated", [(p, p) for p in unrelated])
+    sets["unrelated"] = build("unrelated", [(p, p) for p in unrelated_prompts(spec, n, seed, unrelated)])
     return sets
 
 
-def open_labels(spec: ConceptSpec) -> list[str]:
-    """Candidate labels of a concept's axis: target, neighbours, unrelated prompts (no duplicates)."""
+def unrelated_prompts(spec: ConceptSpec, n: int, seed: int = 0, unrelated: Sequence[str] | None = None) -> list[str]:
+    """The ``n`` unrelated prompts :func:`open_prompt_sets` uses (see there). From a given or the
+    shipped list, prompts that name the target, a synonym or a neighbour are left out."""
+    if unrelated is None and spec.preserve:
+        return list(spec.preserve)
+    names = [re.escape(w.lower()) for w in (spec.target, *spec.synonyms, *spec.neighbours)]
+    mentions = re.compile(rf"(?<!\w)({'|'.join(names)})(?!\w)")
+    pool = [p for p in (DEFAULT_UNRELATED if unrelated is None else unrelated) if not mentions.search(p.lower())]
+    if not pool:
+        raise InvalidInputError(f"every unrelated prompt names the concept {spec.target!r} or its neighbours; "
+                                "give prompts about something else")
+    return sample_prompts(pool, n, seed)
+
+
+def open_labels(spec: ConceptSpec, unrelated: Sequence[str] = ()) -> list[str]:
+    """Candidate labels of a concept's axis: target, neighbours, then the ``unrelated`` prompts of its
+    set (no duplicates)."""
     out: list[str] = []
-    for lab in (spec.target, *spec.neighbours, *(spec.preserve or DEFAULT_UNRELATED)):
+    for lab in (spec.target, *spec.neighbours, *unrelated):
         if lab not in out:
             out.append(lab)
     return out

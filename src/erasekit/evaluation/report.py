@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_path
-from .evaluate import EvalResult
+from .evaluate import PARAPHRASE, EvalResult
 
 SET_TITLES = {
     "target": "Target prompts (should lose the concept)",
@@ -35,6 +35,7 @@ th:first-child,td:first-child{text-align:left}th{background:#f0f2f5;font-weight:
 .pair img{image-rendering:pixelated;border:1px solid #d5d9e0;border-radius:4px;max-width:100%}
 .prompts{font-size:12px;color:#5b6475;margin:6px 0 0;columns:2}code{background:#f0f2f5;padding:1px 4px;border-radius:3px}
 .summary td.big{font-size:18px;font-weight:600}
+td.para{background:#f7f5ff}tr.family-paraphrase td{background:#f7f5ff}
 """
 
 
@@ -64,6 +65,11 @@ def _val(d: dict[str, Any] | None) -> str:
     return "&ndash;" if not d else f"{d['value']:.2f}"
 
 
+def _h(m: dict[str, Any], key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    return f"{m[key]:.3f}" + (f" <span class='ci'>[{ci[0]:.3f}, {ci[1]:.3f}]</span>" if ci else "")
+
+
 def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(metric, original, patched, better) rows of the metric table."""
     rows = [("Efficacy: target detected", _est(m.get("efficacy_original")), _est(m.get("efficacy_patched")), "lower")]
@@ -79,8 +85,30 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "specificity_collateral_patched" in m:
         rows.append(("Collateral: other axes kept on the erased concept's own prompts",
                      _est(m["specificity_collateral_original"]), _est(m["specificity_collateral_patched"]), "higher"))
-    rows.append(("Harmonic score H", f"{m['harmonic_original']:.3f}", f"{m['harmonic']:.3f}", "higher"))
+    rows.append(("Harmonic score H", _h(m, "harmonic_original"), _h(m, "harmonic"), "higher"))
     return rows
+
+
+def _side_by_side(m: dict[str, Any], p: dict[str, Any] | None) -> list[str]:
+    """Metric rows with the templated and the paraphrase family's columns side by side."""
+    rows = metric_rows(m)
+    other = {name: (o, q) for name, o, q, _ in metric_rows(p)} if p is not None else {}
+    out = []
+    for name, o, q, better in rows:
+        po, pq = other.get(name, ("&ndash;", "&ndash;"))
+        out.append(f"<tr><td>{name}</td><td>{o}</td><td>{q}</td>"
+                   + (f"<td class='para'>{po}</td><td class='para'>{pq}</td>" if p is not None else "")
+                   + f"<td>{better}</td></tr>")
+    return out
+
+
+def _fid_cells(m: dict[str, Any]) -> tuple[str, str]:
+    """(feature distance cells, FID / KID cells): original and patched columns of one family."""
+    d = m["distribution"]
+    if "fid" not in d:
+        return "<td>&ndash;</td><td>&ndash;</td>", "<td>&ndash;</td><td>&ndash;</td>"
+    return (f"<td>0</td><td>{_est(m['feature_distance'])}</td>",
+            f"<td>0</td><td>{d['fid']:.3f} / {d['kid']:.4f}</td>")
 
 
 def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str:
@@ -92,41 +120,62 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
              f"{s['seeds'][0]}&ndash;{s['seeds'][1]} ({s['seeds'][2]} per prompt set) &middot; "
              f"{s['sampling']['num_inference_steps']} steps, guidance {s['sampling']['guidance_scale']}, "
              f"{html.escape(s['sampling']['scheduler'])}</p></header><main>"]
-    # summary across concepts
-    parts.append("<section class='summary' id='summary'><h2>Summary</h2><table><tr><th>concept</th>"
-                 "<th>detected before</th><th>detected after</th><th>neighbours kept</th><th>unrelated kept</th>"
-                 "<th>H</th></tr>")
+    para = any(c.paraphrase is not None for c in result.concepts)
+    boot = s.get("bootstrap") or {}
+    ci_note = ("95% intervals: " + html.escape(boot.get("method", "bootstrap")) + "; " + html.escape(boot["extremes"])
+               if "extremes" in boot else "bootstrap 95% intervals")
+    # summary across concepts: one row per concept and prompt family
+    parts.append("<section class='summary' id='summary'><h2>Summary</h2><table><tr><th>concept</th><th>prompts</th>"
+                 "<th>detected before</th><th>detected after</th><th>synonyms after</th><th>neighbours kept</th>"
+                 "<th>unrelated kept</th><th>collateral kept</th><th>H</th></tr>")
+    for c in result.concepts:
+        for fam, f in c.families().items():
+            cells = "".join(("<td class='big'>" if k == "detected_after" else "<td>") + f"{_val(f.get(k))}</td>"
+                            for k in ("detected_before", "detected_after", "synonyms_after", "neighbours_kept",
+                                      "unrelated_kept", "collateral_kept"))
+            h = f["H"]
+            hci = f" <span class='ci'>[{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]</span>" if h.get("ci95") else ""
+            parts.append(f"<tr class='family-{fam}'><td>{html.escape(c.concept)} <span class='ci'>({c.axis})</span>"
+                         f"</td><td>{fam}</td>{cells}<td>{h['value']:.3f}{hci}</td></tr>")
+    parts.append("</table>")
+    fams = s.get("prompt_families") or {}
+    parts.append("<ul class='prompts'>" + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
+                                                  for k, v in fams.items()) + "</ul>")
+    if not para:
+        parts.append("<p class='ci'>No paraphrase family: this judge has none, it was turned off, or the prompt "
+                     "sets came from outside.</p>")
+    parts.append(f"<p class='ci' id='intervals'>{ci_note}.</p></section>")
     for c in result.concepts:
         m = c.metrics
-        parts.append(f"<tr><td>{html.escape(c.concept)} <span class='ci'>({c.axis})</span></td>"
-                     f"<td>{m['efficacy_original']['value']:.2f}</td>"
-                     f"<td class='big'>{m['efficacy_patched']['value']:.2f}</td>"
-                     f"<td>{_val(m.get('specificity_neighbours_patched'))}</td>"
-                     f"<td>{m['specificity_unrelated_patched']['value']:.2f}</td><td>{m['harmonic']:.3f}</td></tr>")
-    parts.append("</table></section>")
-    for c in result.concepts:
-        m = c.metrics
+        p = c.paraphrase
+        head = ("<tr><th rowspan='2'>metric</th><th colspan='2'>templated prompts</th>"
+                "<th colspan='2'>paraphrase prompts</th><th rowspan='2'>better</th></tr><tr><th>original</th>"
+                "<th>patched</th><th>original</th><th>patched</th></tr>") if p is not None else \
+            "<tr><th>metric</th><th>original</th><th>patched</th><th>better</th></tr>"
         parts.append(f"<section id='concept-{html.escape(c.label)}'><h2>Concept: {html.escape(c.concept)}</h2>"
-                     "<h3>Metrics (bootstrap 95% intervals)</h3><table><tr><th>metric</th><th>original</th>"
-                     "<th>patched</th><th>better</th></tr>")
-        for name, o, p, better in metric_rows(m):
-            parts.append(f"<tr><td>{name}</td><td>{o}</td><td>{p}</td><td>{better}</td></tr>")
+                     f"<h3>Metrics (95% intervals, prompts resampled)</h3><table>{head}")
+        parts.extend(_side_by_side(m, p))
+        span = 4 if p is not None else 2
         d = m["distribution"]
         if "fid" in d:
-            parts.append(f"<tr><td>Fidelity: feature distance to original (same seed)</td><td>0</td>"
-                         f"<td>{_est(m['feature_distance'])}</td><td>lower</td></tr>"
-                         f"<tr><td>FID / KID vs original ({html.escape(d['feature_space'])}; KID is unbiased, so "
-                         "it reads below 0 for sets as alike as same-seed pairs)</td><td>0</td>"
-                         f"<td>{d['fid']:.3f} / {d['kid']:.4f}</td><td>lower</td></tr></table>")
+            t_dist, t_fid = _fid_cells(m)
+            p_dist, p_fid = _fid_cells(p) if p is not None else ("", "")
+            parts.append(f"<tr><td>Fidelity: feature distance to original (same seed)</td>{t_dist}{p_dist}"
+                         f"<td>lower</td></tr>"
+                         f"<tr><td>FID / KID vs original ({html.escape(d['feature_space'])}; point estimates without "
+                         "an interval; KID is unbiased, so it reads below 0 for sets as alike as same-seed pairs)</td>"
+                         f"{t_fid}{p_fid}<td>lower</td></tr></table>")
         else:
-            parts.append(f"<tr><td>Fidelity to original</td><td colspan='3'>{html.escape(str(d.get('skipped')))}"
-                         "</td></tr></table>")
-        for name in ("target", "generality", "neighbours", "unrelated"):
+            parts.append(f"<tr><td>Fidelity to original</td><td colspan='{span + 1}'>"
+                         f"{html.escape(str(d.get('skipped')))}</td></tr></table>")
+        for name in (*SET_TITLES, *(PARAPHRASE + k for k in SET_TITLES)):
             if name not in c.images:
                 continue
             ims = c.images[name]
             prompts = c.prompts.get(name, [])[:4]
-            parts.append(f"<h3 class='set-{name}'>{SET_TITLES[name]}</h3><div class='pair'>"
+            base = name.removeprefix(PARAPHRASE)
+            title = SET_TITLES[base] if base == name else f"Paraphrase: {SET_TITLES[base][0].lower()}{SET_TITLES[base][1:]}"
+            parts.append(f"<h3 class='set-{name.replace('/', '-')}'>{title}</h3><div class='pair'>"
                          f"<figure><figcaption>original</figcaption><img alt='{name} original' "
                          f"src='{_grid_png(ims['original'])}'></figure>"
                          f"<figure><figcaption>patched</figcaption><img alt='{name} patched' "

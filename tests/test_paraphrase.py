@@ -1,0 +1,144 @@
+"""The paraphrase prompt family: a grammar disjoint from the world's training captions and from
+every method's erase templates, that fits the world tokenizer, and reaches metrics and report."""
+
+import dataclasses
+import itertools
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from erasekit.concepts import ConceptSpec
+from erasekit.evaluation.paraphrase import FRAMES, frame_of, frames, paraphrase
+from erasekit.evaluation.prompts import world_prompt_sets
+from erasekit.world.vocab import AXES, CONCEPTS, TEMPLATES, caption, erase_templates
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "src/erasekit/world/assets/world-model/tokenizer"
+
+
+def all_paraphrases():
+    """Every paraphrase prompt the evaluation can write: each concept as target, with each of its
+    synonyms for generality, on several seeds."""
+    out = set()
+    for axis in AXES:
+        for label in CONCEPTS[axis]:
+            for seed in range(3):
+                for ps in world_prompt_sets(ConceptSpec(label), axis, label, 48, seed, family="paraphrase").values():
+                    out.update(ps.prompts)
+    return out
+
+
+def training_frames():
+    """Frames of every caption the training grammar can write: each template with each subset of
+    axes left out (the masked words make the choice of values and synonyms irrelevant)."""
+    rng = random.Random(0)
+    out = set()
+    for t in range(len(TEMPLATES)):
+        for keep in itertools.product([True, False], repeat=len(AXES)):
+            lab = {a: (next(iter(CONCEPTS[a])) if k else None) for a, k in zip(AXES, keep)}
+            for synonym_p in (0.0, 1.0):
+                out.add(frame_of(caption(lab, rng, template=t, synonym_p=synonym_p)))
+    return out
+
+
+def erase_template_frames():
+    """Frames of every erase template: the world's per axis, and every registered method's
+    default templates (closed-form ``templates``, guards' ``template``)."""
+    from erasekit.methods import REGISTRY
+
+    texts = [t for axis in AXES for t in erase_templates(axis)]
+    for cls in REGISTRY.values():
+        for f in dataclasses.fields(cls.Config):
+            if f.name in ("templates", "template"):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                texts += [default] if isinstance(default, str) else list(default)
+    assert len(texts) > 40
+    return {frame_of(t) for t in texts}
+
+
+def test_frames_are_disjoint_from_training_captions_and_erase_templates():
+    mine = frames()
+    assert len(mine) == len(FRAMES) >= 12  # every frame is a different sentence
+    assert not mine & training_frames()
+    assert not mine & erase_template_frames()
+    # every prompt the family writes, not just the frames filled with canonical words
+    assert {frame_of(p) for p in all_paraphrases()} == mine
+
+
+def test_no_training_caption_is_a_paraphrase():
+    rng = random.Random(1)
+    captions = {caption({a: rng.choice(list(CONCEPTS[a])) for a in AXES}, rng, synonym_p=0.5, drop_p=0.2)
+                for _ in range(20000)}
+    assert len(captions) > 5000
+    assert not captions & all_paraphrases()
+
+
+def test_the_disjointness_check_can_fail():
+    """frame_of sees through values, synonyms, articles, case and punctuation."""
+    assert frame_of("A striped Amber orb, on a lawn background!") == frame_of("a dotted red star on a grass background")
+    assert frame_of("an image of a {}") in erase_template_frames()
+    assert frame_of("a photo of a red striped star against a sky backdrop") in training_frames()
+    assert frame_of("could you draw a red star?") != frame_of("could you draw a red star on grass?")
+
+
+def test_every_paraphrase_fits_the_world_tokenizer():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER))
+    longest = max(len(tok(p).input_ids) for p in all_paraphrases())
+    assert longest <= tok.model_max_length, longest
+
+
+def test_paraphrase_sets_mirror_the_templated_ones():
+    spec = ConceptSpec("star")
+    para = world_prompt_sets(spec, "shape", "star", 48, family="paraphrase")
+    templ = world_prompt_sets(spec, "shape", "star", 48)
+    assert set(para) == set(templ) == {"target", "generality", "neighbours", "unrelated"}
+    assert all(set(lab) == set(AXES) for ps in para.values() for lab in ps.labels)
+    assert all(lab["shape"] == "star" for lab in para["target"].labels)
+    assert {lab["shape"] for lab in para["neighbours"].labels} == set(CONCEPTS["shape"]) - {"star"}
+    assert all(("pentagram" in p) or ("asterisk" in p) for p in para["generality"].prompts)
+    assert all(" star" not in p for p in para["generality"].prompts)
+    assert len({frame_of(p) for p in para["target"].prompts}) == len(FRAMES)  # 48 prompts: every frame, 3 times
+    # labels agree with the words: each prompt names its own label's values
+    for ps in (para["target"], para["neighbours"]):
+        for text, lab in zip(ps.prompts, ps.labels):
+            assert all(re.search(rf"\b{v}\b", text) for v in lab.values()), (text, lab)
+    assert paraphrase({"shape": "orb", "colour": "orange", "texture": "solid", "background": "ivory"}, 0) == \
+        "could you draw a solid orange orb on ivory?"
+    assert paraphrase({"shape": "orb", "colour": "amber", "texture": "solid", "background": "sky"}, 1).startswith(
+        "i'd like an amber orb")
+    with pytest.raises(Exception, match="unknown prompt family"):
+        world_prompt_sets(spec, "shape", "star", 4, family="slang")
+
+
+def test_paraphrase_family_reaches_metrics_json_and_the_report(tmp_path):
+    from test_evaluation import RenderPipe
+
+    from erasekit.evaluation import ImageCache, evaluate
+    from erasekit.evaluation.report import render_report
+
+    res = evaluate(RenderPipe(replace={"star": "circle"}), "star", seeds=range(16), cache=ImageCache(tmp_path),
+                   sampling={"num_inference_steps": 1, "guidance_scale": 1.0})
+    c = res.concepts[0]
+    assert c.paraphrase is not None and c.paraphrase.keys() >= {"efficacy_patched", "harmonic", "harmonic_ci95",
+                                                                "specificity_collateral_patched"}
+    d = json.loads(res.to_json())["concepts"][0]
+    assert set(d["families"]) == {"templated", "paraphrase"}
+    assert d["families"]["paraphrase"]["H"]["ci95"] == c.paraphrase["harmonic_ci95"]
+    assert d["paraphrase_metrics"]["efficacy_original"]["n"] == 16
+    assert all(p in FRAMES or frame_of(p) in frames() for p in d["prompts"]["paraphrase/target"])
+    settings = json.loads(res.to_json())["settings"]
+    assert "paraphrase" in settings["prompt_families"] and settings["bootstrap"]["unit"] == "prompt"
+    html = render_report(res)
+    for needle in ("family-templated", "family-paraphrase", "paraphrase prompts", "set-paraphrase-target",
+                   "set-paraphrase-generality", "set-paraphrase-neighbours", "set-paraphrase-unrelated",
+                   "cluster bootstrap", "Wilson"):
+        assert needle in html, needle
+    # turned off: no family, and the report says so
+    off = evaluate(RenderPipe(), "star", seeds=range(4), cache=ImageCache(tmp_path), paraphrase=False,
+                   sampling={"num_inference_steps": 1, "guidance_scale": 1.0})
+    assert off.concepts[0].paraphrase is None and "paraphrase_metrics" not in json.loads(off.to_json())["concepts"][0]
+    assert "No paraphrase family" in render_report(off)
