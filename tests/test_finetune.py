@@ -248,3 +248,68 @@ def test_read_only_output_folder(model_dir, tmp_path, capsys):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o700)
+
+
+# ---------------------------------------------------------------------------- the rest of the family
+FAMILY = {
+    "ablating-concepts": (dict(steps=2, batch_size=2, n_images=2, lr=1e-3), ConceptSpec("star", anchor="heart")),
+    "ablating-concepts/noise+prior": (dict(steps=2, batch_size=2, n_images=2, lr=1e-3, loss="noise", prior=True),
+                                      ConceptSpec("star", anchor="heart")),
+    "ablating-concepts/embedding": (dict(steps=2, batch_size=2, n_images=2, lr=1e-2, params="embedding",
+                                         target_from="frozen"), ConceptSpec("star", anchor="heart")),
+    "salun": (dict(steps=2, batch_size=2, n_images=2, lr=1e-3), ConceptSpec("star", preserve=("circle",))),
+    "fs-te": (dict(steps=2, n_images=2, lr=1e-3), ConceptSpec("star")),
+}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("case", sorted(FAMILY))
+def test_family_contract(request, tmp_path, family, case):
+    pipe = request.getfixturevalue(family)
+    kw, spec = FAMILY[case]
+    before, out0 = weights(pipe), unet_out(pipe)
+    edit = get_method(case.split("/")[0])(**kw).fit(get_adapter(pipe), [spec], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in weights(pipe).items()), "fitting changed the pipeline"
+    assert edit.kind == "weight_delta" and edit.tensors()
+    assert any(float(t.abs().max()) > 0 for t in edit.tensors().values()), "nothing was trained"
+    edit.save(tmp_path / "e")
+    loaded = load_edit(tmp_path / "e")
+    assert loaded.digest == edit.digest
+    with loaded.scoped(pipe):
+        assert not torch.allclose(unet_out(pipe), out0)
+    assert torch.equal(unet_out(pipe), out0)
+    if case == "fs-te":
+        assert all(k.startswith("text_encoder") for k in edit.tensors())
+    if case.endswith("embedding"):  # only the target's own token rows moved
+        (delta,) = [t for k, t in edit.tensors().items() if k.startswith("text_encoder.")]
+        moved = set(torch.nonzero(delta.abs().sum(-1)).flatten().tolist())
+        assert moved and moved <= set(edit.manifest["embedding_rows_trained"])
+
+
+def test_salun_mask_keeps_the_largest_saliencies():
+    from erasekit.methods.salun import saliency_mask
+
+    g = {"a": torch.tensor([0.1, -5.0, 0.3]), "b": torch.tensor([[2.0, -0.01], [0.2, 7.0]])}
+    masks, stats = saliency_mask(g, 0.5)  # 7 entries: round(3.5) = 4 kept, the four largest |g|
+    assert masks["a"].tolist() == [False, True, True] and masks["b"].tolist() == [[True, False], [False, True]]
+    assert stats["kept"] == 4 and abs(stats["kept_fraction"] - 4 / 7) < 1e-9
+    top, _ = saliency_mask(g, 0.15)  # one entry: the largest
+    assert top["b"].tolist() == [[False, False], [False, True]] and not top["a"].any()
+    all_kept, _ = saliency_mask(g, 1.0)
+    assert all(m.all() for m in all_kept.values())
+
+
+def test_salun_trains_only_inside_its_mask(sd):
+    edit = get_method("salun")(steps=2, batch_size=2, n_images=2, lr=1e-3, mask_ratio=0.1).fit(
+        get_adapter(sd), [ConceptSpec("star")], progress=False)
+    moved = sum(int((t != 0).sum()) for t in edit.tensors().values())
+    total = sum(t.numel() for t in edit.tensors().values())
+    assert 0 < moved <= edit.manifest["mask_stats"]["kept"] and moved / total <= 0.1 + 1e-6
+
+
+def test_family_refusals(sd):
+    a = get_adapter(sd)
+    with pytest.raises(InvalidInputError, match="--anchor"):
+        get_method("ablating-concepts")(steps=1).fit(a, [ConceptSpec("star")], progress=False)
+    with pytest.raises(InvalidInputError, match="rank=0"):
+        get_method("salun")(steps=1, rank=2).fit(a, [ConceptSpec("star")], progress=False)

@@ -131,7 +131,13 @@ def erase(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         cls = get_method(method)
-        cfg = apply_overrides(cls.Config(), set_)
+        world = cls.world_settings(specs) if model in (None, "world") else {}
+        cfg = apply_overrides(cls.Config(**world), set_)
+        mine = {s_.split("=", 1)[0].strip() for s_ in set_}
+        if set(world) - mine:
+            out.print(f"{cls.name} on the embedded world: " + ", ".join(
+                f"{k}={v!r}" if k != "templates" else f"templates=({len(v)} world erase templates)"
+                for k, v in world.items() if k not in mine) + " (--set to override)")
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         from .adapters import get_adapter

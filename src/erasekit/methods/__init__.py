@@ -6,18 +6,21 @@ import dataclasses
 from typing import Any
 
 from ..errors import InvalidInputError
+from .ablating import AblatingConcepts
 from .base import Method
 from .esd import ESD
+from .fs_te import FewShotTextEncoder
 from .mace import MACE
 from .negative_prompt import NegativePrompt
 from .realera import RealEra
 from .rece import RECE
 from .safree import SAFREE
+from .salun import SalUn
 from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, NegativePrompt, SLD, SAFREE]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, AblatingConcepts, SalUn, FewShotTextEncoder, NegativePrompt, SLD, SAFREE]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -45,4 +48,5 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE", "ESD"]
+__all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE", "ESD", "AblatingConcepts", "SalUn",
+           "FewShotTextEncoder"]

@@ -41,6 +41,12 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """Settings ``erasekit erase`` uses on the embedded world model unless --set overrides them
+        (none by default: the published defaults)."""
+        return {}
+
+    @classmethod
     def make_hooks(cls, edit: Edit, adapter: Any) -> list[Any]:
         """The sampling-loop hooks a hook edit of this method runs (hook methods override this)."""
         raise InvalidInputError(f"{cls.name} makes {cls.edit_kind} edits, not hook edits; re-create the edit")

@@ -9,6 +9,7 @@ v-prediction world model.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,49 @@ def select_params(adapter: Any, which: str) -> list[str]:
     if which == "text-encoder":
         return params_of(adapter, "text_encoder")
     raise InvalidInputError(f"unknown parameter selection {which!r}; choose x, x-strict, u, unet or text-encoder")
+
+
+def generate_latents(adapter: Any, prompts: list[str], seed: int, label: str = "images",
+                     batch: int = 16) -> torch.Tensor:
+    """Final latents (x0 in UNet space) the model itself generates for ``prompts``, image i seeded by
+    ``(seed, label, i)``, with the model's recommended sampling: the training images a method makes
+    from its own model (Ablating Concepts' anchor images, SalUn's forget and retain sets)."""
+    from ..models import sampling_defaults
+    from ..training import step_generator
+
+    s = sampling_defaults(getattr(adapter.pipe, "erasekit_source", ""))
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gens = [step_generator(seed, label, i + j) for j in range(len(chunk))]
+        _, lat = adapter.sample(chunk, gens, s["num_inference_steps"], s["guidance_scale"], output_type="pt",
+                                return_latents=True)
+        out.append(lat.detach())
+    return torch.cat(out)
+
+
+def noisy(adapter: Any, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target) for a uniformly drawn training timestep: the DDPM training pair in the model's
+    own prediction space (``target`` is the noise, velocity or x0 the UNet should predict)."""
+    n_train = adapter.pipe.scheduler.config.num_train_timesteps
+    t = torch.randint(n_train, (len(x0),), generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    return adapter.add_noise(x0, noise, t), t, adapter.target(x0, noise, t)
+
+
+def template_pairs(concepts: list[ConceptSpec], templates: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(concept prompt, anchor prompt) for every erase phrase of every concept in every template."""
+    from .closed_form import expand
+
+    return [(e, a) for c in concepts for phrase in c.erase_phrases
+            for e, a in zip(expand(templates, phrase), expand(templates, c.anchor))]
+
+
+def encode_trainable(adapter: Any, prompts: list[str]) -> Encoded:
+    """Encode ``prompts`` with gradients through the text encoder(s) and their token embeddings (for
+    methods that train them; ``adapter.encode`` runs without gradients)."""
+    adapter.check_length(prompts)
+    return adapter.encode_embeddings(adapter.token_embeddings(prompts), adapter.input_ids(prompts))
 
 
 def repeat_encoded(e: Encoded, n: int) -> Encoded:
@@ -130,6 +174,16 @@ class FineTuneMethod(Method):
             return trainable.edit(manifest)
         finally:
             trainable.close()
+
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """Settings for the embedded world model (``erasekit erase`` uses them there unless --set overrides):
+        the world's erase templates for the concepts' axis when the method has a ``templates`` setting."""
+        from ..world.vocab import erase_templates, find_axis
+
+        axes = {found[0] for c in concepts if (found := find_axis(c.target)) is not None}
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        return {"templates": erase_templates(axes.pop())} if len(axes) == 1 and "templates" in fields else {}
 
     def extra_manifest(self, state: Any) -> dict[str, Any]:
         """Method-specific measurements for the manifest."""

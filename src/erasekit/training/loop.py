@@ -394,7 +394,7 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
     between the backward pass and the optimiser step (SalUn masks gradients there).
     """
     params = trainable.parameters()
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, getattr(cfg, "adam_beta2", 0.999)))
     device = params[0].device
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
