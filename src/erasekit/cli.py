@@ -219,21 +219,29 @@ def methods_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Als
 
 
 def _summary_table(result) -> None:
+    """Per concept, the headline figures with their 95% intervals, one column per prompt family."""
     from rich.table import Table
 
-    t = Table(title="erasure summary (95% intervals, prompts resampled with their seeds)")
-    for col in ("concept", "prompts", "detected before", "detected after", "unseen synonyms after", "neighbours kept",
-                "unrelated kept", "collateral kept", "H"):
-        t.add_column(col, justify="right" if col not in ("concept", "prompts") else "left")
-    fmt = lambda d: f"{d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]" if d else "-"  # noqa: E731
+    rows = (("detected before", "detected_before"), ("detected after (lower is better)", "detected_after"),
+            ("unseen synonyms after (lower)", "synonyms_after"), ("neighbours kept (higher)", "neighbours_kept"),
+            ("unrelated kept (higher)", "unrelated_kept"), ("collateral kept (higher)", "collateral_kept"),
+            ("H (higher)", "H"))
+
+    def fmt(d: dict | None) -> str:
+        if not d:
+            return "-"
+        return f"{d['value']:.2f}" + (f" [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]" if d.get("ci95") else "")
+
     for c in result.concepts:
-        for fam, f in c.families().items():
-            h = f["H"]
-            t.add_row(c.concept, fam, *(fmt(f.get(k)) for k in ("detected_before", "detected_after", "synonyms_after",
-                                                                 "neighbours_kept", "unrelated_kept",
-                                                                 "collateral_kept")),
-                      f"{h['value']:.3f}" + (f" [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]" if h.get("ci95") else ""))
-    out.print(t)
+        fams = c.families()
+        t = Table(title=f"erasing {c.concept!r} ({c.axis}): 95% intervals, prompts resampled with their seeds")
+        t.add_column("")
+        for fam in fams:
+            t.add_column(f"{fam} prompts", justify="right")
+        for name, key in rows:
+            if any(key in f for f in fams.values()):
+                t.add_row(name, *(fmt(f.get(key)) for f in fams.values()))
+        out.print(t)
     if any(c.paraphrase is not None for c in result.concepts):
         out.print("templated: the world's training caption templates; paraphrase: a grammar disjoint from them and "
                   "from the erase templates (erasekit.evaluation.paraphrase)", highlight=False)
