@@ -168,3 +168,162 @@ def test_sae_train_command_writes_a_loadable_sae(tmp_path, monkeypatch):
     sae = TopKSAE.load(tmp_path / "sae")
     record = load_record(tmp_path / "sae")
     assert sae.n_latents == 32 and record["site"] == "unet.up_blocks.1.attentions.1" and record["steps"] == 5
+
+
+# ---------------------------------------------------------------------- BatchTopK
+def test_batch_topk_trains_on_k_times_batch_and_encodes_each_token_alone(tmp_path):
+    x = _synthetic(6000, d=32)
+    cfg = SAEConfig(n_latents=96, k=4, steps=150, batch_size=128, lr=3e-3, batch_topk=True, dead_tokens=3000)
+    sae, record = fit(x, cfg)
+    pre = sae.pre_acts(x[:64])
+    kept = sae.train_codes(pre)
+    assert int((kept > 0).sum()) == 4 * 64  # the batch keeps k x rows, not k per row
+    assert ((kept > 0).sum(1) != 4).any()
+    assert record["threshold"] > 0 and float(sae.threshold) == record["threshold"]
+    z = sae.encode(x[:64])
+    assert torch.equal(z, pre * (pre > sae.threshold))
+    assert torch.allclose(sae.encode(x[5:6]), z[5:6])  # a token's code does not depend on its batch
+    assert record["fve"] > 0.6 and 1 <= record["l0"] <= 12
+    sae.save(tmp_path / "b")
+    back = TopKSAE.load(tmp_path / "b")
+    assert back.batch_topk and float(back.threshold) == float(sae.threshold) and torch.equal(back.encode(x[:8]), z[:8])
+    assert not TopKSAE.load(_plain_saved(tmp_path)).batch_topk
+
+
+def _plain_saved(tmp_path):
+    _sae().save(tmp_path / "plain")
+    return tmp_path / "plain"
+
+
+# ---------------------------------------------------------------------- resuming
+class _Kill(Exception):
+    pass
+
+
+def _stop_at(step_to_die: int):
+    def progress(stage, done, total):
+        if stage == "train" and done == step_to_die:
+            raise _Kill()
+    return progress
+
+
+def test_resumed_training_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path):
+    from erasekit.sae import Checkpoint
+
+    x = _synthetic(4000, d=32)
+    cfg = SAEConfig(n_latents=64, k=4, steps=40, batch_size=256, lr=3e-3, checkpoint_every=10, dead_tokens=500)
+    whole, record = fit(x, cfg)
+    ck = Checkpoint(tmp_path / "ck")
+    ck.start({"run": 1}, resume=False)
+    with pytest.raises(_Kill):
+        fit(x, cfg, progress=_stop_at(27), checkpoint=ck)  # killed after the checkpoint of step 20
+    state = ck.load_state()
+    assert state["step"] == 20
+    assert ck.start({"run": 1}, resume=True)
+    resumed, record2 = fit(x, cfg, checkpoint=ck, resume_state=state)
+    for name, t in whole.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+    assert record2["fve"] == record["fve"] and record2["resumed_at_step"] == 20
+
+
+def test_checkpoint_folder_rules(tmp_path):
+    from erasekit.errors import OutputPathError
+    from erasekit.sae import Checkpoint
+
+    ck = Checkpoint(tmp_path / "ck")
+    with pytest.raises(InvalidInputError, match="no checkpoint to resume.*without --resume"):
+        ck.start({"a": 1}, resume=True)
+    assert ck.start({"a": 1}, resume=False) is False
+    with pytest.raises(OutputPathError, match="pass --resume"):
+        Checkpoint(tmp_path / "ck").start({"a": 1}, resume=False)
+    with pytest.raises(InvalidInputError, match="another run .*a differs"):
+        Checkpoint(tmp_path / "ck").start({"a": 2}, resume=True)
+    (tmp_path / "ck" / "mine.txt").write_text("keep")
+    ck.remove()
+    assert (tmp_path / "ck" / "mine.txt").is_file() and not (tmp_path / "ck" / "run.json").exists()
+
+
+# ---------------------------------------------------------------------- sites by role
+def test_sites_by_role_on_the_world(world):
+    sites = world.sites()
+    assert sites["unet-up-1-1"] == WORLD_SITE  # SAeUron's SD1.x site, the same role on the world
+    assert world.site("unet-up-1-1") == WORLD_SITE and world.site(WORLD_SITE) == WORLD_SITE
+    assert world.site("text-encoder-layer-2").endswith("encoder.layers.2")
+    assert sites["unet-mid"] == "unet.mid_block.attentions.0"
+    for bad in ("unet-up-1-7", "text-encoder-layer-9", "nonsense", "unet.up_blocks.9"):
+        with pytest.raises(InvalidInputError) as e:
+            world.site(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InvalidInputError, match="unet-up-0-0..1.*text-encoder-layer-0..3"):
+        world.site("unet-up-1-7")
+
+
+def test_sites_on_tiny_sd_and_sdxl(tmp_path):
+    from tiny import tiny_sd, tiny_sdxl
+
+    from erasekit.adapters import get_adapter
+
+    sd, xl = get_adapter(tiny_sd(tmp_path / "a")), get_adapter(tiny_sdxl(tmp_path / "b"))
+    assert sd.site("unet-up-0-2") == "unet.up_blocks.0.attentions.2"
+    assert "text-encoder-2-layer-4" in xl.sites() and "text-encoder-2-layer-0" not in sd.sites()
+    assert xl.site("text-encoder-2-layer-1").startswith("text_encoder_2.")
+
+
+def test_text_encoder_site_collects_every_position(world):
+    from erasekit.sae import collect_text
+
+    site = world.site("text-encoder-layer-2")
+    mod = world.pipe.text_encoder.get_submodule(site.removeprefix("text_encoder."))
+    before = len(mod._forward_hooks)
+    acts = collect_text(world, site, ["a red circle", "a blue star", "a star"], batch_size=2)
+    length = world.pipe.tokenizer.model_max_length
+    assert acts.x.shape == (3 * length, 128) and (acts.step == -1).all()
+    assert len(mod._forward_hooks) == before
+    ref = []
+    h = mod.register_forward_hook(lambda m, a, out: ref.append((out[0] if isinstance(out, tuple) else out)[0]))
+    try:
+        world.encode(["a blue star"])
+    finally:
+        h.remove()
+    assert torch.allclose(acts.x[length:2 * length], ref[0].float())
+
+
+def test_sae_train_command_at_a_text_site_and_bad_sites(tmp_path, monkeypatch, capsys):
+    from erasekit.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(["sae", "train", "-o", "te", "--site", "text-encoder-layer-2", "--n-prompts", "5", "--set", "steps=5",
+                "--set", "n_latents=32", "--set", "k=4"]) == 0
+    sae = TopKSAE.load(tmp_path / "te")
+    assert sae.meta["site"].endswith("encoder.layers.2") and sae.meta["site_name"] == "text-encoder-layer-2"
+    assert load_record(tmp_path / "te")["tokens"] == 5 * 20
+    assert not (tmp_path / "te.checkpoint").exists()
+    capsys.readouterr()
+    assert run(["sae", "train", "-o", "bad", "--site", "unet-up-4-0", "--n-prompts", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown site 'unet-up-4-0'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sae_train_command_resumes_a_killed_run(tmp_path, monkeypatch, capsys):
+    from erasekit.cli import _sae_prompts, run
+    from erasekit.sae import train_sae
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--n-prompts", "2", "--set", "steps=12", "--set", "n_latents=32", "--set", "k=4", "--set",
+            "num_inference_steps=2", "--set", "checkpoint_every=4"]
+    cfg = SAEConfig(steps=12, n_latents=32, k=4, num_inference_steps=2, checkpoint_every=4)
+    from erasekit.adapters import get_adapter
+    from erasekit.models import load_pipeline
+
+    with pytest.raises(_Kill):
+        train_sae(get_adapter(load_pipeline(None, device="cpu")), "unet-up-1-1", _sae_prompts(None, None, 2, 0), cfg,
+                  progress=_stop_at(10), checkpoint=tmp_path / "s.checkpoint")
+    assert (tmp_path / "s.checkpoint" / "state.pt").is_file()
+    assert run(["sae", "train", "-o", "s", *args]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert run(["sae", "train", "-o", "s", *args, "--set", "lr=0.001", "--resume"]) == 2
+    assert "another run" in capsys.readouterr().err
+    assert run(["sae", "train", "-o", "s", *args, "--resume"]) == 0
+    assert load_record(tmp_path / "s")["resumed_at_step"] == 8
+    assert not (tmp_path / "s.checkpoint").exists()

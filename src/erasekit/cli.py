@@ -396,36 +396,78 @@ def world_train(
 def sae_train(
     output: Path = typer.Option(..., "-o", "--output", help="SAE folder to write (sae.safetensors, config, record)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
-    site: Optional[str] = typer.Option(None, "--site", help="Module whose output the SAE learns (full name, e.g. "
-                                       "unet.up_blocks.1.attentions.1; default: that block, SAeUron's site)."),
+    site: str = typer.Option("unet-up-1-1", "--site", help="Where the SAE reads activations, by role: unet-up-B-A "
+                             "(transformer A of UNet up block B; unet-up-1-1 is SAeUron's up_blocks.1.attentions.1), "
+                             "unet-down-B-A, unet-mid, text-encoder-layer-N (Concept Steerers), or a full module name."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="UTF-8 text, one prompt a line "
                                                 "(default on the world model: --n-prompts random world captions)."),
-    n_prompts: int = typer.Option(200, "--n-prompts", help="World captions to generate from, without --prompts-file."),
-    set_: list[str] = typer.Option([], "--set", help="SAE setting key=value (n_latents, k, steps, lr, ...)."),
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="World captions to generate from, without "
+                                            "--prompts-file (default 200; 2000 for a text-encoder site)."),
+    set_: list[str] = typer.Option([], "--set", help="SAE setting key=value (n_latents, k, batch_topk, steps, lr, ...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run whose checkpoint is at "
+                                "OUTPUT.checkpoint (same model, site, prompts and settings)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an SAE folder erasekit wrote."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
-    """Collect a site's activations while generating, and train a TopK SAE (with AuxK) on them."""
+    """Collect a site's activations (while generating, or while encoding for a text-encoder site) and train a
+    TopK or BatchTopK SAE (with AuxK) on them. The run keeps a checkpoint beside -o until it ends: --resume
+    continues a killed run from there."""
     from .adapters import get_adapter
     from .config import apply_overrides
-    from .io import check_output
+    from .io import check_output, check_parent
     from .models import load_pipeline
-    from .sae import WORLD_SITE, SAEConfig, train_sae
+    from .sae import SAEConfig, discard, train_sae
 
     try:
         check_output(output, overwrite)
+        ckpt = check_parent(Path(f"{output}.checkpoint"))
         cfg = apply_overrides(SAEConfig(), set_)
-        prompts = _sae_prompts(model, prompts_file, n_prompts, cfg.seed)
+        text_site = site.startswith("text")
+        prompts = _sae_prompts(model, prompts_file, n_prompts or (2000 if text_site else 200), cfg.seed)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         t0 = time.time()
-        sae, record = train_sae(get_adapter(pipe), site or WORLD_SITE, prompts, cfg,
-                                log=lambda m: err.print(f"[{time.time() - t0:7.1f}s] {m}", highlight=False))
+        with _sae_progress() as progress:
+            def log(m: str) -> None:
+                if progress is None:
+                    err.print(f"[{time.time() - t0:7.1f}s] {m}", highlight=False)
+
+            sae, record = train_sae(get_adapter(pipe), site, prompts, cfg, log=log,
+                                    progress=progress, checkpoint=ckpt, resume=resume)
         sae.save(output, record, overwrite=overwrite)
+        discard(ckpt)
     except ErasekitError as e:
         _fail(e)
     out.print(f"wrote {output}: {record['site']}, variance explained {record['fve']:.3f}, dead latents "
               f"{record['dead_fraction']:.1%}, {record['wall_time_s']:.0f}s")
+
+
+class _sae_progress:
+    """``with _sae_progress() as progress``: a callback drawing progress bars on a terminal, or None
+    elsewhere (then progress lines are logged)."""
+
+    def __enter__(self):
+        self.bar = None
+        if not err.is_terminal:
+            return None
+        import rich.progress as rp
+
+        self.bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                               rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), console=err)
+        self.bar.__enter__()
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = self.bar.add_task({"collect": "collecting", "train": "training"}.get(stage, stage),
+                                                 total=total)
+            self.bar.update(tasks[stage], completed=done, total=total)
+
+        return progress
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def _sae_prompts(model: Optional[str], prompts_file: Optional[Path], n: int, seed: int) -> list[str]:

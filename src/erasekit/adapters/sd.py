@@ -61,6 +61,48 @@ class SDAdapter:
                 out[f"unet.{n}"] = m
         return out
 
+    def sites(self) -> dict[str, str]:
+        """Activation sites by role name -> full module name: ``unet-down-B-A``/``unet-up-B-A`` (transformer A
+        of the UNet's down/up block B; SAeUron's SD1.x site ``up_blocks.1.attentions.1`` is ``unet-up-1-1``),
+        ``unet-mid`` and ``text-encoder-layer-N`` (the residual output of layer N of the first text encoder;
+        ``text-encoder-2-layer-N`` of the second)."""
+        out: dict[str, str] = {}
+        unet = self.pipe.unet
+        for kind in ("down", "up"):
+            for b, block in enumerate(getattr(unet, f"{kind}_blocks", [])):
+                for a in range(len(getattr(block, "attentions", None) or [])):
+                    out[f"unet-{kind}-{b}-{a}"] = f"unet.{kind}_blocks.{b}.attentions.{a}"
+        if getattr(getattr(unet, "mid_block", None), "attentions", None):
+            out["unet-mid"] = "unet.mid_block.attentions.0"
+        for i, (comp, te) in enumerate(self.text_encoder_components().items()):
+            role = "text-encoder" if i == 0 else f"text-encoder-{i + 1}"
+            for path in ("text_model.encoder.layers", "encoder.layers"):  # transformers 4 / 5 CLIP layouts
+                try:
+                    layers = te.get_submodule(path)
+                except AttributeError:
+                    continue
+                out.update({f"{role}-layer-{n}": f"{comp}.{path}.{n}" for n in range(len(layers))})
+                break
+        return out
+
+    def site(self, name: str) -> str:
+        """The full module name of the site ``name`` (a role name from :meth:`sites`, or a full module name
+        such as ``unet.up_blocks.1.attentions.1``); one line naming the available roles otherwise."""
+        from .sampling import resolve_module
+
+        sites = self.sites()
+        if name in sites:
+            return sites[name]
+        if "." in name:
+            resolve_module(self.pipe, name)
+            return name
+        groups: dict[str, list[str]] = {}
+        for role in sites:
+            groups.setdefault(role.rsplit("-", 1)[0] if role[-1].isdigit() else role, []).append(role)
+        have = ", ".join(f"{v[0]}..{v[-1].rsplit('-', 1)[-1]}" if len(v) > 1 else v[0] for v in groups.values())
+        raise InvalidInputError(f"unknown site {name!r}; this model has {have}, or name a module as "
+                                "'component.path' (e.g. unet.up_blocks.1.attentions.1)")
+
     def kv_modules(self) -> dict[str, torch.nn.Linear]:
         """Cross-attention K/V projections by UNet-relative name (kept for callers of 0.1)."""
         return {n.removeprefix("unet."): m for n, m in self.modules("cross_attn_kv").items()}  # type: ignore[misc]

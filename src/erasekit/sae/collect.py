@@ -76,7 +76,8 @@ class CaptureHook(Hook):
 
 def collect(adapter: Any, site: str, prompts: Sequence[str], *, num_inference_steps: int = 20,
             guidance_scale: float = 2.0, batch_size: int = 16, per_call: int | None = 4096, seed: int = 0,
-            log: Callable[[str], None] | None = None) -> Activations:
+            log: Callable[[str], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> Activations:
     """Generate one image per prompt (prompt i from seed ``seed + i``) and collect the activations at
     ``site`` (a full module name such as ``"unet.up_blocks.1.attentions.1"``). With guidance both the
     unconditional and the conditional half of each UNet call are kept."""
@@ -91,7 +92,43 @@ def collect(adapter: Any, site: str, prompts: Sequence[str], *, num_inference_st
         chunk = prompts[i:i + batch_size]
         gens = [torch.Generator(adapter.device).manual_seed(seed + i + j) for j in range(len(chunk))]
         adapter.sample(chunk, gens, num_inference_steps, guidance_scale, hooks=[hook])
+        if progress is not None:
+            progress("collect", min(i + batch_size, len(prompts)), len(prompts))
         if log is not None:
             log(f"collected {min(i + batch_size, len(prompts))}/{len(prompts)} prompts, "
                 f"{sum(len(x) for x in hook.xs)} tokens")
     return hook.result()
+
+
+def is_text_site(adapter: Any, site: str) -> bool:
+    """True when the full module name ``site`` lies in one of the adapter's text encoders."""
+    comps = adapter.text_encoder_components() if hasattr(adapter, "text_encoder_components") else {}
+    return site.partition(".")[0] in comps
+
+
+@torch.no_grad()
+def collect_text(adapter: Any, site: str, prompts: Sequence[str], *, batch_size: int = 64,
+                 log: Callable[[str], None] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Activations:
+    """Encode ``prompts`` as the pipeline does and collect the outputs of the text-encoder module ``site``
+    at every position (start, words, end and padding: what a steering vector is added to), as Concept
+    Steerers' collection does. ``step`` is -1 for every token."""
+    prompts = list(prompts)
+    if not prompts:
+        raise InvalidInputError("the prompt set is empty; give at least one prompt to collect activations from")
+    module = resolve_module(adapter.pipe, site)
+    xs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: xs.append(to_tokens(out).float().cpu()))
+    try:
+        for i in range(0, len(prompts), batch_size):
+            adapter.encode(prompts[i:i + batch_size], unique=False)
+            if progress is not None:
+                progress("collect", min(i + batch_size, len(prompts)), len(prompts))
+    finally:
+        handle.remove()
+    if not xs:
+        raise InvalidInputError(f"site {site!r} never ran while encoding; choose a text-encoder layer")
+    if log is not None:
+        log(f"collected {len(prompts)} prompts, {sum(len(x) for x in xs)} tokens")
+    x = torch.cat(xs)
+    return Activations(x, torch.full((len(x),), -1, dtype=torch.int16))

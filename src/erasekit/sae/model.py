@@ -5,6 +5,13 @@ input scale (set once from the data so activations have mean squared norm ``d``)
 latent directions (rows of ``W_dec``, shape (n_latents, d)) have unit norm. Dead latents (not fired for
 ``dead_tokens`` tokens) are trained by the AuxK loss: the residual is reconstructed from the ``aux_k``
 largest pre-activations of dead latents, weighted 1/32.
+
+BatchTopK (Bussmann et al. 2024; SAeUron trains this way): while training, the ``k × batch`` largest
+pre-activations of the whole batch are kept, so a token may use more or fewer than k latents. At
+inference a token is encoded on its own, with the global threshold ``threshold`` (a running mean of
+the smallest activation each training batch kept): ``z = pre · [pre > threshold]``. The official
+SAeUron code instead keeps BatchTopK at inference, which makes a token's code depend on the other
+images of the batch (METHODS.md §4.1 [obs]); ours does not.
 """
 
 from __future__ import annotations
@@ -28,17 +35,20 @@ FORMAT = "erasekit.TopKSAE"
 class TopKSAE(nn.Module):
     """TopK SAE over ``d_in``-dimensional tokens with ``n_latents`` latents, ``k`` active per token."""
 
-    def __init__(self, d_in: int, n_latents: int, k: int, meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, d_in: int, n_latents: int, k: int, meta: dict[str, Any] | None = None,
+                 batch_topk: bool = False) -> None:
         super().__init__()
         if not 1 <= k <= n_latents:
             raise InvalidInputError(f"k={k} must lie between 1 and n_latents={n_latents}")
-        self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.d_in, self.n_latents, self.k, self.batch_topk = d_in, n_latents, k, bool(batch_topk)
         self.meta: dict[str, Any] = dict(meta or {})  # site, model fingerprint, ...: stored in config.json
         self.W_enc = nn.Parameter(torch.zeros(d_in, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("scale", torch.ones(()))
+        if self.batch_topk:  # the inference threshold (only BatchTopK SAEs have one)
+            self.register_buffer("threshold", torch.zeros(()))
 
     # -- initialisation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -75,9 +85,23 @@ class TopKSAE(nn.Module):
         vals, idx = acts.topk(self.k if k is None else k, dim=-1)
         return torch.zeros_like(acts).scatter(-1, idx, vals)
 
+    def batch_topk_codes(self, acts: torch.Tensor) -> torch.Tensor:
+        """BatchTopK: keep the ``k × rows`` largest entries of the whole (rows, n_latents) batch."""
+        flat = acts.reshape(-1)
+        vals, idx = flat.topk(min(self.k * acts.shape[0], flat.numel()))
+        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
+
+    def train_codes(self, acts: torch.Tensor) -> torch.Tensor:
+        """The codes training sees: per-token TopK, or BatchTopK over the batch."""
+        return self.batch_topk_codes(acts) if self.batch_topk else self.topk(acts)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d_in) activations -> (..., n_latents) sparse codes (at most k nonzeros per token)."""
-        return self.topk(self.pre_acts(x))
+        """(..., d_in) activations -> (..., n_latents) sparse codes: at most k nonzeros per token (TopK), or
+        the pre-activations above the learned threshold (BatchTopK); each token encoded on its own."""
+        pre = self.pre_acts(x)
+        if self.batch_topk:
+            return pre * (pre > self.threshold)
+        return self.topk(pre)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(..., n_latents) codes -> (..., d_in) activations, in the input's units."""
@@ -92,7 +116,7 @@ class TopKSAE(nn.Module):
         the codes; ``loss`` is their weighted sum."""
         xs = x * self.scale
         pre = torch.relu((xs - self.b_dec) @ self.W_enc + self.b_enc)
-        z = self.topk(pre)
+        z = self.train_codes(pre)
         recon = z @ self.W_dec + self.b_dec
         var = (xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         mse = (recon - xs).pow(2).sum(-1).mean() / var
@@ -108,11 +132,12 @@ class TopKSAE(nn.Module):
             aux = torch.nan_to_num(aux, nan=0.0)
         return {"loss": mse + aux_coef * aux, "mse": mse, "aux": aux, "z": z}
 
-    def check_for(self, adapter: Any, site: str, d_in: int | None = None) -> None:
-        """One-line InvalidInputError unless this SAE was trained at ``site`` of ``adapter``'s base model
-        (by the fingerprint it recorded, when it recorded one) on tokens of width ``d_in`` (when given)."""
+    def check_for(self, adapter: Any, site: str | None, d_in: int | None = None) -> None:
+        """One-line InvalidInputError unless this SAE was trained at ``site`` (a full module name; None: any
+        site) of ``adapter``'s base model (by the fingerprint it recorded, when it recorded one) on tokens of
+        width ``d_in`` (when given)."""
         trained_site = self.meta.get("site")
-        if trained_site is not None and trained_site != site:
+        if site is not None and trained_site is not None and trained_site != site:
             raise InvalidInputError(f"this SAE was trained at site {trained_site!r}, not {site!r}; train one for "
                                     f"{site!r} or use its own site")
         want = self.meta.get("model_fingerprint")
@@ -124,9 +149,39 @@ class TopKSAE(nn.Module):
             raise InvalidInputError(f"this SAE takes {self.d_in}-channel activations but the site gives {d_in}; "
                                     "train an SAE for this site")
 
+    # -- carried inside other files (an edit) ---------------------------------------------------
+    def to_tensors(self, prefix: str = "sae.") -> dict[str, torch.Tensor]:
+        """The SAE's tensors (float32, CPU) under ``prefix``, for an edit to carry."""
+        return {prefix + n: t.detach().to("cpu", torch.float32).contiguous() for n, t in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], prefix: str = "sae.") -> TopKSAE:
+        """The SAE an edit carries: ``config`` as :meth:`config` wrote it, the tensors under ``prefix``."""
+        sae = cls(int(config["d_in"]), int(config["n_latents"]), int(config["k"]), config.get("meta"),
+                  batch_topk=bool(config.get("batch_topk", False)))
+        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        if set(own) != set(sae.state_dict()):
+            raise InvalidInputError(f"the edit's SAE tensors ({', '.join(sorted(own)) or 'none'}) do not match its SAE "
+                                    "config; re-create the edit")
+        sae.load_state_dict({n: t.float() for n, t in own.items()})
+        return sae.eval()
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the config and every tensor: names an SAE independent of its folder."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.config().items() if k != "meta"}, sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     # -- persistence ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "meta": self.meta}
+        out = {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "meta": self.meta}
+        if self.batch_topk:
+            out["batch_topk"] = True
+        return out
 
     def save(self, path: str | Path, record: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
         """Write ``sae.safetensors``, ``config.json`` and (given) ``training.json`` into the folder ``path``,
@@ -156,6 +211,9 @@ class TopKSAE(nn.Module):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (d, n, k)) or k > n:
                 raise ValueError("d_in, n_latents, k must be positive integers with k <= n_latents")
             meta = cfg.get("meta") or {}
+            batch_topk = cfg.get("batch_topk", False)
+            if not isinstance(batch_topk, bool):
+                raise TypeError("batch_topk must be true or false")
         except FileNotFoundError:
             raise InvalidInputError(f"SAE folder {p} has no {CONFIG}; {hint}") from None
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -169,7 +227,7 @@ class TopKSAE(nn.Module):
             raise InvalidInputError(f"SAE folder {p} has no {WEIGHTS}; {hint}") from None
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise InvalidInputError(f"SAE folder {p}: {WEIGHTS} is corrupt ({_one_line(e)}); {hint}") from None
-        sae = cls(d, n, k, meta)
+        sae = cls(d, n, k, meta, batch_topk=batch_topk)
         expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
         got = {name: tuple(t.shape) for name, t in tensors.items()}
         if got != expected:
