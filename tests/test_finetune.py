@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +312,70 @@ def test_family_refusals(sd):
         get_method("ablating-concepts")(steps=1).fit(a, [ConceptSpec("star")], progress=False)
     with pytest.raises(InvalidInputError, match="rank=0"):
         get_method("salun")(steps=1, rank=2).fit(a, [ConceptSpec("star")], progress=False)
+
+
+ADV = dict(steps=3, ddim_steps=3, prefetch=2, lr=1e-3, warmup=1, attack_steps=2, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("retain", ["iter", "reg"])
+def test_advunlearn_contract(request, tmp_path, family, retain):
+    pipe = request.getfixturevalue(family)
+    before, out0 = weights(pipe), unet_out(pipe)
+    edit = get_method("advunlearn")(**ADV, retain=retain).fit(get_adapter(pipe), [ConceptSpec("star")], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in weights(pipe).items())
+    assert edit.kind == "weight_delta" and all(k.startswith("text_encoder") for k in edit.tensors())
+    assert edit.manifest["attacks"] == 2
+    edit.save(tmp_path / "e")
+    with load_edit(tmp_path / "e").scoped(pipe):
+        assert not torch.allclose(unet_out(pipe), out0)
+    assert torch.equal(unet_out(pipe), out0)
+
+
+def test_advunlearn_inner_attack_lowers_its_objective(sd):
+    from erasekit.methods.advunlearn import AdvUnlearn
+
+    a = get_adapter(sd)
+    m = AdvUnlearn(**dict(ADV, attack_steps=8, attack_lr=5e-2))
+    tr = Trainable(sd, m.trained_params(a), seed=0)
+    try:
+        state = m.prepare(a, [ConceptSpec("star")], tr)
+        rows = m._draw(a, state, tr, 0)
+        prompts = [state["prompts"][i] for i in rows.prompt[:1].tolist()]
+        delta, path = m.run_attack(a, tr, prompts, state["delta"], rows.x[:1], rows.t[:1], rows.f_concept[:1] * 0 + 1)
+        assert path[-1] < path[0], path
+        assert not torch.equal(delta[0], state["delta"][0])
+        assert all(p.grad is None for p in tr.parameters()), "the attack moved gradients into the model"
+    finally:
+        tr.close()
+
+
+def test_advunlearn_prefix_must_fit_the_context(sd):
+    from erasekit.methods.advunlearn import with_prefix
+
+    a = get_adapter(sd)
+    long = " ".join(["star"] * 74)
+    with pytest.raises(InvalidInputError, match="prefix_k"):
+        with_prefix(a, [long], [torch.zeros(4, 32)])
+
+
+def test_advunlearn_resume_carries_the_adversarial_prefix(sd, tmp_path, monkeypatch):
+    from erasekit.methods.advunlearn import AdvUnlearn
+
+    a = get_adapter(sd)
+    cfg = dict(ADV, steps=4)
+    ref = AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], progress=False)
+    real = AdvUnlearn.loss
+
+    def dying(self, adapter, state, trainable, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, adapter, state, trainable, step)
+
+    monkeypatch.setattr(AdvUnlearn, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "c", progress=False)
+    monkeypatch.setattr(AdvUnlearn, "loss", real)
+    assert "delta0" in Checkpoint(tmp_path / "c").load()["extra"]
+    got = AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "c", resume=True, progress=False)
+    assert all(torch.equal(ref.tensors()[k], got.tensors()[k]) for k in ref.tensors())

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from .ablating import AblatingConcepts
+from .advunlearn import AdvUnlearn
 from .base import Method
 from .esd import ESD
 from .fs_te import FewShotTextEncoder
@@ -20,7 +21,8 @@ from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
-_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, AblatingConcepts, SalUn, FewShotTextEncoder, NegativePrompt, SLD, SAFREE]
+_ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, AblatingConcepts, SalUn, FewShotTextEncoder, AdvUnlearn,
+                            NegativePrompt, SLD, SAFREE]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -49,4 +51,4 @@ def describe() -> list[dict[str, Any]]:
 
 
 __all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE", "ESD", "AblatingConcepts", "SalUn",
-           "FewShotTextEncoder"]
+           "FewShotTextEncoder", "AdvUnlearn"]

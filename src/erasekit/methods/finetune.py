@@ -124,6 +124,16 @@ class FineTuneMethod(Method):
     def after_backward(self, state: Any, trainable: Trainable) -> None:
         """Between backward and the optimiser step (e.g. SalUn's gradient mask)."""
 
+    def after_step(self, adapter: Any, state: Any, trainable: Trainable, step: int, optimizer: Any) -> None:
+        """After the optimiser step (e.g. AdvUnlearn's retain step with the same optimiser)."""
+
+    def get_extra_state(self, state: Any) -> dict[str, Any]:
+        """Tensors/numbers the method carries from step to step (checkpointed; none by default)."""
+        return {}
+
+    def set_extra_state(self, state: Any, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` returned (on resume)."""
+
     def check(self, concepts: list[ConceptSpec]) -> None:
         """Refuse concepts this method cannot train on (one line)."""
 
@@ -156,7 +166,10 @@ class FineTuneMethod(Method):
             with trainable.gradient_checkpointing(cfg.gradient_checkpointing), timer.part("train"):
                 record = run_training(trainable, lambda step: self.loss(adapter, state, trainable, step), cfg,
                                       identity=identity, label=self.name, checkpoint=ckpt, resume=resume,
-                                      progress=progress, after_backward=lambda: self.after_backward(state, trainable))
+                                      progress=progress, after_backward=lambda: self.after_backward(state, trainable),
+                                      after_step=lambda step, opt: self.after_step(adapter, state, trainable, step, opt),
+                                      extra_state=(lambda: self.get_extra_state(state),
+                                                   lambda d: self.set_extra_state(state, d)))
             manifest = {
                 "method": self.name,
                 "config": config_dict(cfg),

@@ -240,6 +240,7 @@ class Trainable:
         with torch.no_grad():
             for n, p in self._params.items():
                 p.copy_(self._orig[n])
+                p.grad = None  # no stale gradients (or their memory) left on the pipeline
         if self.rank:
             self._unload()
         for comp, flags in self._grad_state.items():
@@ -386,12 +387,17 @@ def _summary(losses: list[float]) -> dict[str, Any]:
 def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], cfg: TrainingConfig, *,
                  identity: dict[str, Any], label: str = "training", checkpoint: Checkpoint | None = None,
                  resume: bool = False, progress: bool | None = True,
-                 after_backward: Callable[[], None] | None = None) -> dict[str, Any]:
+                 after_backward: Callable[[], None] | None = None,
+                 after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+                 extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None) -> dict[str, Any]:
     """Adam over ``trainable`` minimising ``loss_fn(step)`` for ``cfg.steps`` steps; the run's record.
 
     ``identity`` (JSON-able: method, settings, concepts, base model) is stored in each checkpoint;
     resuming from a checkpoint of another identity is refused in one line. ``after_backward`` runs
-    between the backward pass and the optimiser step (SalUn masks gradients there).
+    between the backward pass and the optimiser step (SalUn masks gradients there); ``after_step(step,
+    optimiser)`` after it (AdvUnlearn's separate retain step uses the same optimiser there).
+    ``extra_state`` = (get, set): a method's own state carried across steps (AdvUnlearn's adversarial
+    prompt), saved in each checkpoint and restored on resume.
     """
     params = trainable.parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, getattr(cfg, "adam_beta2", 0.999)))
@@ -414,6 +420,8 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start, losses, wall_before = int(state["step"]), list(state["losses"]), float(state["wall_s"])
+        if extra_state is not None:
+            extra_state[1](state.get("extra") or {})
     reporter = progress_reporter(label, cfg.steps, start, progress)
     t0 = time.perf_counter()
     loss = torch.tensor(float("nan"))
@@ -435,13 +443,16 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
                 scaler.update()
             else:
                 opt.step()
+            if after_step is not None:
+                after_step(step, opt)
             losses.append(float(loss.detach()))
             reporter.update(step + 1, losses[-1])
             if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 checkpoint.save({"identity": json.dumps(identity, sort_keys=True), "step": step + 1,
                                  "trainable": trainable.state(), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict() if scaler is not None else {},
-                                 "losses": losses, "wall_s": wall_before + time.perf_counter() - t0})
+                                 "losses": losses, "wall_s": wall_before + time.perf_counter() - t0,
+                                 "extra": extra_state[0]() if extra_state is not None else {}})
     finally:
         reporter.close()
     secs = time.perf_counter() - t0
