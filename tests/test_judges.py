@@ -124,9 +124,16 @@ def test_clip_judge_evaluates_an_open_concept(tiny_clip, tmp_path):
 
 
 def test_shipped_unrelated_prompts_are_many_distinct_and_sampled_by_seed():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
     from erasekit.evaluation.prompts import load_unrelated, unrelated_prompts
 
     assert DEFAULT_UNRELATED == load_unrelated()
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["erasekit"]
+    assert any(fnmatch.fnmatch("evaluation/assets/unrelated.txt", pat) for pat in shipped)  # it is in the wheel
     assert len({" ".join(p.lower().split()) for p in DEFAULT_UNRELATED}) == len(DEFAULT_UNRELATED) >= 300
     assert all(3 <= len(p.split()) <= 16 and p == p.strip() for p in DEFAULT_UNRELATED)
     spec = ConceptSpec("dog")

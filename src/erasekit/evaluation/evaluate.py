@@ -240,7 +240,7 @@ def _unrelated(unrelated: Sequence[str] | str | Path | None, judge: Judge) -> tu
     """Unrelated prompts from outside (a list, or a text file's path), checked against the judge."""
     if unrelated is None:
         return None
-    if not judge.reads_unrelated_prompts:
+    if not getattr(judge, "reads_unrelated_prompts", True):
         raise InvalidInputError(f"the {judge.name} judge scores the world's own unrelated prompts (the other axes "
                                 "of world captions); drop the unrelated prompts, or use an open-vocabulary judge")
     if isinstance(unrelated, (str, Path)):
@@ -353,10 +353,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     any_paraphrase = False
     for spec, axis, label in resolved:
         n = len(seeds)
-        sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, seed=prompt_seed,
-                                                                 unrelated=extra))
-        para = {} if (spec.target in given or not paraphrase) else \
-            dict(judge.paraphrase_sets(spec, axis, label, n, seed=prompt_seed))
+        # a judge written before prompt seeds and unrelated lists existed is still called as it was
+        opts = {"seed": prompt_seed, "unrelated": extra} if (prompt_seed or extra is not None) else {}
+        sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, **opts))
+        para_fn = getattr(judge, "paraphrase_sets", None)
+        para = {} if (spec.target in given or not paraphrase or para_fn is None) else \
+            dict(para_fn(spec, axis, label, n, seed=prompt_seed))
         any_paraphrase = any_paraphrase or bool(para)
         every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
         imgs: dict[str, dict[str, np.ndarray]] = {}
