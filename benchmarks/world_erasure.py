@@ -4,7 +4,9 @@ Each row fits one patch and evaluates it with ``erasekit.evaluate`` on shared se
 the unedited model are cached, so the baseline is generated once). Columns: efficacy (target
 still detected, lower is better), generality (unseen synonyms detected), specificity on
 neighbour shapes and on unrelated axes (higher is better), collateral (the other axes kept on the
-erased concept's own prompts: "a green star" stays green), MACE's H, fit time, and images
+erased concept's own prompts: "a green star" stays green), MACE's H; then the same figures on the
+paraphrase prompts (``p:``, a grammar disjoint from the training captions and the erase
+templates, same seeds; the CSV's ``p_`` columns, with the unedited model's too); fit time, and images
 generated per second (a guard's extra UNet passes show against the "(none)" row of the same run;
 NaN where every image came from the cache). The first rows are the unedited model: the baseline. Saves CSV and, with matplotlib, a PNG chart.
 
@@ -70,40 +72,67 @@ def images_per_second(res) -> float:
     return misses / secs if misses and secs > 0 else float("nan")
 
 
+#: per family (templated, paraphrase): the figures of one row, as (column, metric key)
+FIGURES = (("efficacy", "efficacy_patched"), ("efficacy_before", "efficacy_original"),
+           ("generality", "generality_patched"), ("neighbours", "specificity_neighbours_patched"),
+           ("neighbours_before", "specificity_neighbours_original"), ("unrelated", "specificity_unrelated_patched"),
+           ("unrelated_before", "specificity_unrelated_original"), ("collateral", "specificity_collateral_patched"),
+           ("collateral_before", "specificity_collateral_original"))
+#: paraphrase columns carry this prefix (the family is the same sets in a grammar disjoint from the
+#: training captions and the erase templates: erasekit.evaluation.paraphrase)
+P = "p_"
+
+
+def _family(ms: list[dict]) -> dict:
+    """Means over a row's concepts of one family's figures (NaN where a concept lacks one)."""
+    out = {}
+    for col, key in FIGURES:
+        vals = [m[key]["value"] for m in ms if key in m]
+        out[col] = sum(vals) / len(vals) if vals else float("nan")
+    out["H"] = sum(m["harmonic"] for m in ms) / len(ms) if ms else float("nan")
+    return out
+
+
 def row(method: str, concepts: tuple[str, ...], res, fit_s: float) -> dict:
-    ms = [c.metrics for c in res.concepts]
-    avg = lambda k: sum(m[k]["value"] for m in ms) / len(ms)  # noqa: E731
-    gen = [m["generality_patched"]["value"] for m in ms if "generality_patched" in m]
-    return {"method": method, "concepts": "+".join(concepts), "efficacy": avg("efficacy_patched"),
-            "efficacy_before": avg("efficacy_original"), "generality": sum(gen) / len(gen) if gen else float("nan"),
-            "neighbours": avg("specificity_neighbours_patched"), "neighbours_before": avg("specificity_neighbours_original"),
-            "unrelated": avg("specificity_unrelated_patched"), "unrelated_before": avg("specificity_unrelated_original"),
-            "collateral": avg("specificity_collateral_patched"), "collateral_before": avg("specificity_collateral_original"),
-            "H": sum(m["harmonic"] for m in ms) / len(ms), "fit_s": fit_s, "img_s": images_per_second(res)}
+    templ = _family([c.metrics for c in res.concepts])
+    para = _family([c.paraphrase for c in res.concepts if c.paraphrase is not None])
+    return {"method": method, "concepts": "+".join(concepts), **templ, **{P + k: v for k, v in para.items()},
+            "fit_s": fit_s, "img_s": images_per_second(res)}
+
+
+COLS = (("eff", "efficacy", 6, 2), ("eff0", "efficacy_before", 6, 2), ("gen", "generality", 6, 2),
+        ("neigh", "neighbours", 7, 2), ("neigh0", "neighbours_before", 7, 2), ("unrel", "unrelated", 7, 2),
+        ("unrel0", "unrelated_before", 7, 2), ("coll", "collateral", 6, 2), ("coll0", "collateral_before", 6, 2),
+        ("H", "H", 7, 3))
+PCOLS = (("|p:eff", P + "efficacy", 7, 2), ("gen", P + "generality", 6, 2), ("neigh", P + "neighbours", 7, 2),
+         ("unrel", P + "unrelated", 7, 2), ("coll", P + "collateral", 6, 2), ("H", P + "H", 7, 3))
+
+
+def header(first: str) -> str:
+    return first + "".join(f"{h:>{w}}" for h, _, w, _ in COLS + PCOLS) + f"{'fit s':>7}{'img/s':>7}"
+
+
+def figures(r: dict) -> str:
+    return "".join(f"{r[k]:>{w}.{d}f}" for _, k, w, d in COLS + PCOLS)
 
 
 def fmt(r: dict) -> str:
     fit = (f"{r['fit_s']:>7.2f}" if r["method"] != "(none)" else f"{'':>7}") + f"{r['img_s']:>7.2f}"
-    return (f"{r['method'][:8]:<9}{r['concepts']:<24}{r['efficacy']:>6.2f}{r['efficacy_before']:>6.2f}"
-            f"{r['generality']:>6.2f}{r['neighbours']:>7.2f}{r['neighbours_before']:>7.2f}{r['unrelated']:>7.2f}"
-            f"{r['unrelated_before']:>7.2f}{r['collateral']:>6.2f}{r['collateral_before']:>6.2f}{r['H']:>7.3f}{fit}")
+    return f"{r['method'][:8]:<9}{r['concepts']:<24}{figures(r)}{fit}"
 
 
 def summary(rows: list[dict]) -> None:
     """Per-method means over every row: the one table to compare methods by."""
-    print("\nmeans per method (eff0/neigh0/unrel0/coll0: the unedited model on the same prompts and seeds)")
-    print(f"{'method':<9}{'rows':>5}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}{'unrel0':>7}"
-          f"{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}{'img/s':>7}")
+    print("\nmeans per method (eff0/neigh0/unrel0/coll0: the unedited model on the same prompts and seeds; "
+          "p: the same figures on the paraphrase prompts)")
+    print(header(f"{'method':<9}{'rows':>5}"))
+    keys = [k for _, k, _, _ in COLS + PCOLS] + ["fit_s"]
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
-        avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("efficacy", "efficacy_before", "generality", "neighbours",
-                                                             "neighbours_before", "unrelated", "unrelated_before",
-                                                             "collateral", "collateral_before", "H", "fit_s")}
+        avg = {k: sum(r[k] for r in rs) / len(rs) for k in keys}
         speeds = [r["img_s"] for r in rs if r["img_s"] == r["img_s"]]  # NaN: nothing was generated
-        print(f"{m[:8]:<9}{len(rs):>5}{avg['efficacy']:>6.2f}{avg['efficacy_before']:>6.2f}{avg['generality']:>6.2f}"
-              f"{avg['neighbours']:>7.2f}{avg['neighbours_before']:>7.2f}{avg['unrelated']:>7.2f}"
-              f"{avg['unrelated_before']:>7.2f}{avg['collateral']:>6.2f}{avg['collateral_before']:>6.2f}"
-              f"{avg['H']:>7.3f}{avg['fit_s']:>7.2f}{(sum(speeds) / len(speeds) if speeds else float('nan')):>7.2f}")
+        print(f"{m[:8]:<9}{len(rs):>5}{figures(avg)}{avg['fit_s']:>7.2f}"
+              f"{(sum(speeds) / len(speeds) if speeds else float('nan')):>7.2f}")
 
 
 def main(family: str | None = None) -> None:
@@ -115,12 +144,12 @@ def main(family: str | None = None) -> None:
     ap.add_argument("--values", "--shapes", default=None, help="comma-separated values (default: all of the axis)")
     ap.add_argument("--no-multi", action="store_true")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--cache", default=None, help="image cache folder (default: ~/.cache/erasekit)")
+    ap.add_argument("--cache", default=None, help="image cache folder (default: $ERASEKIT_CACHE or ~/.cache/erasekit)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="override one method's setting, e.g. --set rece.adv_rows=words (repeatable)")
     args = ap.parse_args()
     settings = method_settings(args.methods.split(","), args.sets)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
     seeds = parse_seeds(args.seeds)
     pipe = erasekit.load_pipeline(device="cpu")
     cache = ImageCache(args.cache)
@@ -131,9 +160,7 @@ def main(family: str | None = None) -> None:
     t0 = time.time()
     print(f"world erasure benchmark ({args.axis}): {len(seeds)} seeds per prompt set; efficacy/generality lower is better")
     print("settings beyond each method's defaults: " + (", ".join(f"{m} {v}" for m, v in settings.items() if v) or "none"))
-    hdr = (f"{'method':<9}{'concepts':<24}{'eff':>6}{'eff0':>6}{'gen':>6}{'neigh':>7}{'neigh0':>7}{'unrel':>7}"
-           f"{'unrel0':>7}{'coll':>6}{'coll0':>6}{'H':>7}{'fit s':>7}{'img/s':>7}")
-    print(hdr)
+    print(header(f"{'method':<9}{'concepts':<24}"))
     for concepts in jobs:
         base = evaluate(pipe, list(concepts), seeds=seeds, cache=cache)
         r = row("(none)", concepts, base, 0.0)
