@@ -21,7 +21,13 @@ FAMILIES = {"sd": tiny_sd, "sdxl": tiny_sdxl}
 # (case id, method, overrides, edit kind): every registered method once, plus the LoRA kind as
 # UCE's delta factorised to rank 4 (the target's rows make the delta rank <= 4 here, so it is exact)
 # settings a method needs to act within the contract's 2-step sampling (e.g. a guard's warm-up in steps)
-TINY_OVERRIDES: dict[str, dict] = {"sld": {"warmup": 0}}
+TINY_OVERRIDES: dict[str, dict] = {
+    "sld": {"warmup": 0},
+    # SAE methods train a small SAE at fit time; the tiny UNets' transformers are in up block 0
+    "saeuron": {"site": "unet-up-0-1", "sae_latents": 64, "sae_k": 4, "sae_steps": 30, "num_inference_steps": 2,
+                "guidance_scale": 5.0, "percentile": 90.0, "multiplier": -5.0},
+    "concept-steerers": {"sae_latents": 64, "sae_k": 4, "sae_steps": 30},
+}
 CASES = [(n, n, TINY_OVERRIDES.get(n, {}), get_method(n).edit_kind) for n in REGISTRY] + \
     [("uce-lora", "uce", {"lora_rank": 4}, "lora")]
 
@@ -160,14 +166,15 @@ def test_config_round_trips_through_json(name):
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_multiple_concepts_at_once(pipe, name):
-    edit = erasekit.erase(pipe, ["star", "heart", "moon"], method=name, preserve="circle")
+    edit = erasekit.erase(pipe, ["star", "heart", "moon"], method=name, preserve="circle", **TINY_OVERRIDES.get(name, {}))
     assert [c["target"] for c in edit.manifest["concepts"]] == ["star", "heart", "moon"]
     assert edit.tensors() or edit.kind == "hook"
 
 
 def test_registry_lists_every_method_with_description_kind_and_fields():
     rows = describe()
-    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt", "sld", "safree"}
+    assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt", "sld", "safree",
+                                            "saeuron", "concept-steerers"}
     for r in rows:
         assert r["description"] and r["config"] and all(f["help"] for f in r["config"])
         assert r["edit_kind"] in ("weight_delta", "lora", "hook")

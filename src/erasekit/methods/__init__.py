@@ -9,6 +9,7 @@ from ..errors import InvalidInputError
 from .ablating import AblatingConcepts
 from .advunlearn import AdvUnlearn
 from .base import Method
+from .concept_steerers import ConceptSteerers
 from .esd import ESD
 from .fs_te import FewShotTextEncoder
 from .mace import MACE
@@ -16,13 +17,14 @@ from .negative_prompt import NegativePrompt
 from .realera import RealEra
 from .rece import RECE
 from .safree import SAFREE
+from .saeuron import SAeUron
 from .salun import SalUn
 from .sld import SLD
 from .speed import SPEED
 from .uce import UCE
 
 _ALL: list[type[Method]] = [UCE, RECE, SPEED, MACE, RealEra, ESD, AblatingConcepts, SalUn, FewShotTextEncoder, AdvUnlearn,
-                            NegativePrompt, SLD, SAFREE]
+                            NegativePrompt, SLD, SAFREE, SAeUron, ConceptSteerers]
 
 REGISTRY: dict[str, type[Method]] = {}
 for _m in _ALL:
@@ -51,4 +53,4 @@ def describe() -> list[dict[str, Any]]:
 
 
 __all__ = ["Method", "REGISTRY", "get_method", "describe", "UCE", "RECE", "SPEED", "MACE", "RealEra", "NegativePrompt", "SLD", "SAFREE", "ESD", "AblatingConcepts", "SalUn",
-           "FewShotTextEncoder", "AdvUnlearn"]
+           "FewShotTextEncoder", "AdvUnlearn", "SAeUron", "ConceptSteerers"]
