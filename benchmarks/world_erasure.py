@@ -31,7 +31,12 @@ import erasekit  # noqa: E402
 from erasekit.concepts import ConceptSpec  # noqa: E402
 from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
 from erasekit.methods import REGISTRY  # noqa: E402
+from erasekit.methods.ablating import ABLATING_WORLD  # noqa: E402
+from erasekit.methods.advunlearn import ADVUNLEARN_WORLD  # noqa: E402
+from erasekit.methods.esd import ESD_WORLD  # noqa: E402
+from erasekit.methods.fs_te import FSTE_WORLD  # noqa: E402
 from erasekit.methods.safree import SAFREE_WORLD  # noqa: E402
+from erasekit.methods.salun import SALUN_WORLD  # noqa: E402
 from erasekit.methods.sld import SLD_WORLD  # noqa: E402
 from erasekit.world.vocab import CONCEPTS, RECE_WORLD, UCE_WORLD, erase_templates  # noqa: E402
 
@@ -39,7 +44,11 @@ MULTI = {"shape": [("star", "heart"), ("circle", "square", "triangle")],
          "colour": [("red", "blue"), ("green", "yellow", "purple")],
          "texture": [("striped", "dotted")], "background": [("grass", "sky")]}
 #: world settings per method (others use their published defaults, templates always world-shaped)
-WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD, "sld": SLD_WORLD, "safree": SAFREE_WORLD}
+WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD, "sld": SLD_WORLD, "safree": SAFREE_WORLD, "esd": ESD_WORLD,
+                  "ablating-concepts": ABLATING_WORLD, "salun": SALUN_WORLD, "fs-te": FSTE_WORLD,
+                  "advunlearn": ADVUNLEARN_WORLD}
+#: methods that map a concept onto an anchor need one: the next value of the axis (star -> heart ...)
+NEEDS_ANCHOR = {"ablating-concepts"}
 
 
 def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
@@ -167,7 +176,10 @@ def main(family: str | None = None) -> None:
         rows.append(r)
         print(fmt(r), flush=True)
         for method in args.methods.split(","):
-            specs = [ConceptSpec(c, preserve=tuple(o for o in values if o not in concepts)) for c in concepts]
+            anchor = (lambda c: values[(values.index(c) + 1) % len(values)]) if method in NEEDS_ANCHOR else \
+                (lambda c: "")
+            specs = [ConceptSpec(c, anchor=anchor(c), preserve=tuple(o for o in values if o not in concepts
+                                                                    and o != anchor(c))) for c in concepts]
             shaped = {"templates": erase_templates(args.axis)} if "templates" in fields_of(method) else {}
             patch = erasekit.erase(pipe, specs, method=method, **shaped, **settings[method])
             res = evaluate(pipe, specs, patch=patch, seeds=seeds, cache=cache)
