@@ -114,22 +114,27 @@ def test_frozen_passes_see_the_original_model(sd, rank):
     assert torch.equal(unet_out(sd), out0)
 
 
+def interrupt(cls, cfg, adapter, ck, monkeypatch, at: int = 3) -> None:
+    """Fit ``cls`` with a checkpoint and stop it (KeyboardInterrupt) when step ``at`` starts."""
+    real = cls.loss
+
+    def dying(self, adapter, state, trainable, step):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(self, adapter, state, trainable, step)
+
+    monkeypatch.setattr(cls, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cls(**cfg).fit(adapter, [ConceptSpec("star")], checkpoint=ck, progress=False)
+    monkeypatch.setattr(cls, "loss", real)
+
+
 def test_interrupted_run_resumes_to_the_same_edit(sd, tmp_path, monkeypatch):
     a = get_adapter(sd)
     cfg = dict(FAST, steps=5)
     ref = ESD(**cfg).fit(a, [ConceptSpec("star")], progress=False)
     ck = tmp_path / "run.checkpoint"
-    real = ESD.loss
-
-    def dying(self, adapter, state, trainable, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, adapter, state, trainable, step)
-
-    monkeypatch.setattr(ESD, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, progress=False)
-    monkeypatch.setattr(ESD, "loss", real)
+    interrupt(ESD, cfg, a, ck, monkeypatch)
     assert Checkpoint(ck).load()["step"] == 2
     with pytest.raises(InvalidInputError, match="--resume"):
         ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, progress=False)
@@ -365,17 +370,7 @@ def test_advunlearn_resume_carries_the_adversarial_prefix(sd, tmp_path, monkeypa
     a = get_adapter(sd)
     cfg = dict(ADV, steps=4)
     ref = AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], progress=False)
-    real = AdvUnlearn.loss
-
-    def dying(self, adapter, state, trainable, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, adapter, state, trainable, step)
-
-    monkeypatch.setattr(AdvUnlearn, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "c", progress=False)
-    monkeypatch.setattr(AdvUnlearn, "loss", real)
+    interrupt(AdvUnlearn, cfg, a, tmp_path / "c", monkeypatch)
     assert "delta0" in Checkpoint(tmp_path / "c").load()["extra"]
     got = AdvUnlearn(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "c", resume=True, progress=False)
     assert all(torch.equal(ref.tensors()[k], got.tensors()[k]) for k in ref.tensors())

@@ -28,6 +28,7 @@ TINY_OVERRIDES: dict[str, dict] = {
                 "guidance_scale": 5.0, "percentile": 90.0, "multiplier": -5.0},
     "concept-steerers": {"sae_latents": 64, "sae_k": 4, "sae_steps": 30},
     # fine-tuning: a few steps at a rate that moves a tiny random model (their own tests: test_finetune.py)
+    "mace": {"lora_steps": 4, "lora_images": 2},
     "esd": {"steps": 2, "ddim_steps": 3, "prefetch": 2, "lr": 1e-2},
     "advunlearn": {"steps": 2, "ddim_steps": 3, "prefetch": 2, "lr": 1e-2, "warmup": 1, "attack_steps": 2},
     "ablating-concepts": {"steps": 2, "batch_size": 2, "n_images": 2, "lr": 1e-2},
@@ -142,7 +143,7 @@ def test_edit_contract(pipe, case, name, overrides, kind, tmp_path):
 def test_weight_methods_move_the_target_and_hold_preserved_prompts(pipe, name):
     targets, keeps = ["star", "a photo of a star"], ["circle", "a photo of a heart"]
     t0, k0, tl0 = kv_outputs(pipe, targets), kv_outputs(pipe, keeps, last=True), kv_outputs(pipe, targets, last=True)
-    edit = erasekit.erase(pipe, SPEC, method=name)
+    edit = erasekit.erase(pipe, SPEC, method=name, **TINY_OVERRIDES.get(name, {}))
     assert edit.deltas and all(k.startswith("unet.") and ".attn2.to_" in k for k in edit.deltas)
     assert all(torch.isfinite(d).all() for d in edit.deltas.values())
     with edit.scoped(pipe):
@@ -184,7 +185,8 @@ def test_multiple_concepts_at_once(pipe, name):
 def test_registry_lists_every_method_with_description_kind_and_fields():
     rows = describe()
     assert {r["name"] for r in rows} == {"uce", "rece", "speed", "mace", "realera", "negative-prompt", "sld", "safree",
-                                            "saeuron", "concept-steerers"}
+                                            "saeuron", "concept-steerers", "esd", "ablating-concepts", "salun", "fs-te",
+                                            "advunlearn"}
     for r in rows:
         assert r["description"] and r["config"] and all(f["help"] for f in r["config"])
         assert r["edit_kind"] in ("weight_delta", "lora", "hook")
