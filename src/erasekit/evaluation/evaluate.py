@@ -172,6 +172,24 @@ def generate_cached(pipe: Any, ps: PromptSet, seeds: list[int], sampling: dict[s
     return np.stack(out)  # type: ignore[arg-type]
 
 
+def _generate_sets(pipe: Any, sets: Mapping[str, PromptSet], seeds: list[int], sampling: dict[str, Any],
+                   cache: ImageCache, state: str) -> dict[str, np.ndarray]:
+    """:func:`generate_cached` for every set, the text sets in shared batches: a small evaluation
+    otherwise runs one short batch per set, and the UNet's per-call cost dominates."""
+    out: dict[str, np.ndarray] = {}
+    text = [name for name, ps in sets.items() if ps.embeddings is None]
+    if text:
+        merged = PromptSet("merged", tuple(p for n in text for p in sets[n].prompts),
+                           tuple(lab for n in text for lab in sets[n].labels))
+        images = generate_cached(pipe, merged, seeds * len(text), sampling, cache, state)
+        for i, name in enumerate(text):
+            out[name] = images[i * len(seeds):(i + 1) * len(seeds)]
+    for name, ps in sets.items():
+        if ps.embeddings is not None:
+            out[name] = generate_cached(pipe, ps, seeds, sampling, cache, state)
+    return {name: out[name] for name in sets}
+
+
 def _edits(patch: Any) -> list[Edit]:
     """An edit, an edit folder, or a list of either, as a list of edits."""
     single = patch is None or isinstance(patch, (Edit, str, Path)) or not isinstance(patch, (list, tuple))
@@ -361,16 +379,14 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
             dict(para_fn(spec, axis, label, n, seed=prompt_seed))
         any_paraphrase = any_paraphrase or bool(para)
         every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
-        imgs: dict[str, dict[str, np.ndarray]] = {}
         tg = time.perf_counter()
-        for name, ps in every.items():
-            imgs[name] = {"original": generate_cached(pipe, ps, seeds, samp, cache, state)}
+        imgs = {name: {"original": im} for name, im in _generate_sets(pipe, every, seeds, samp, cache, state).items()}
         applied = []
         try:
             for p in patches:
                 applied.append(p.apply(pipe, force=force))
-            for name, ps in every.items():
-                imgs[name]["patched"] = generate_cached(pipe, ps, seeds, samp, cache, patched_state)
+            for name, im in _generate_sets(pipe, every, seeds, samp, cache, patched_state).items():
+                imgs[name]["patched"] = im
         finally:
             for p in reversed(applied):
                 p.revert(pipe)
