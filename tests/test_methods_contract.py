@@ -23,8 +23,8 @@ FAMILIES = {"sd": tiny_sd, "sdxl": tiny_sdxl}
 # settings a method needs to act within the contract's 2-step sampling (e.g. a guard's warm-up in steps)
 TINY_OVERRIDES: dict[str, dict] = {
     "sld": {"warmup": 0},
-    # SAE methods train a small SAE at fit time; the tiny UNets' transformers are in up block 0
-    "saeuron": {"site": "unet-up-0-1", "sae_latents": 64, "sae_k": 4, "sae_steps": 30, "num_inference_steps": 2,
+    # SAE methods train a small SAE at fit time
+    "saeuron": {"sae_latents": 64, "sae_k": 4, "sae_steps": 30, "num_inference_steps": 2,
                 "guidance_scale": 5.0, "percentile": 90.0, "multiplier": -5.0},
     "concept-steerers": {"sae_latents": 64, "sae_k": 4, "sae_steps": 30},
     # fine-tuning: a few steps at a rate that moves a tiny random model (their own tests: test_finetune.py)

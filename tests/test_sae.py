@@ -130,13 +130,13 @@ def test_capture_at_the_world_site(world):
     before = len(site._forward_hooks)
     acts = collect(world, WORLD_SITE, ["a red circle", "a blue star on a grass background"], num_inference_steps=3,
                    guidance_scale=2.0, per_call=None)
-    # 8x8 tokens of 128 channels, for [uncond, cond] x 2 prompts, at each of the 3 steps
-    assert acts.x.shape == (3 * 2 * 2 * 8 * 8, 128)
-    assert acts.step.tolist() == [i for i in range(3) for _ in range(2 * 2 * 64)]
+    # 4x4 tokens of 128 channels, for [uncond, cond] x 2 prompts, at each of the 3 steps
+    assert acts.x.shape == (3 * 2 * 2 * 4 * 4, 128)
+    assert acts.step.tolist() == [i for i in range(3) for _ in range(2 * 2 * 16)]
     assert len(site._forward_hooks) == before
-    sub = collect(world, WORLD_SITE, ["a red circle"], num_inference_steps=2, per_call=50)
-    assert sub.x.shape == (100, 128) and len(site._forward_hooks) == before
-    again = collect(world, WORLD_SITE, ["a red circle"], num_inference_steps=2, per_call=50)
+    sub = collect(world, WORLD_SITE, ["a red circle"], num_inference_steps=2, per_call=20)
+    assert sub.x.shape == (40, 128) and len(site._forward_hooks) == before
+    again = collect(world, WORLD_SITE, ["a red circle"], num_inference_steps=2, per_call=20)
     assert torch.equal(sub.x, again.x)  # seeded generation and subsample
 
 
@@ -151,7 +151,7 @@ def test_check_for_model_and_site(world):
     sae = TopKSAE(128, 256, 8, {"site": WORLD_SITE, "model_fingerprint": world.fingerprint()})
     sae.check_for(world, WORLD_SITE, 128)
     with pytest.raises(InvalidInputError, match="site"):
-        sae.check_for(world, "unet.up_blocks.0.attentions.1")
+        sae.check_for(world, "unet.up_blocks.1.attentions.1")
     with pytest.raises(InvalidInputError, match="another model"):
         TopKSAE(128, 256, 8, {"site": WORLD_SITE, "model_fingerprint": "0" * 16}).check_for(world, WORLD_SITE)
     with pytest.raises(InvalidInputError, match="64-channel"):
@@ -167,7 +167,7 @@ def test_sae_train_command_writes_a_loadable_sae(tmp_path, monkeypatch):
                 "--set", "k=4", "--set", "num_inference_steps=2"]) == 0
     sae = TopKSAE.load(tmp_path / "sae")
     record = load_record(tmp_path / "sae")
-    assert sae.n_latents == 32 and record["site"] == "unet.up_blocks.1.attentions.1" and record["steps"] == 5
+    assert sae.n_latents == 32 and record["site"] == "unet.up_blocks.0.attentions.1" and record["steps"] == 5
 
 
 # ---------------------------------------------------------------------- BatchTopK
@@ -246,16 +246,37 @@ def test_checkpoint_folder_rules(tmp_path):
 # ---------------------------------------------------------------------- sites by role
 def test_sites_by_role_on_the_world(world):
     sites = world.sites()
-    assert sites["unet-up-1-1"] == WORLD_SITE  # SAeUron's SD1.x site, the same role on the world
-    assert world.site("unet-up-1-1") == WORLD_SITE and world.site(WORLD_SITE) == WORLD_SITE
+    assert sites["unet-up-attn-0-1"] == WORLD_SITE  # SAeUron's SD1.x site, the same role on the world
+    assert world.site("unet-up-attn-0-1") == WORLD_SITE and world.site(WORLD_SITE) == WORLD_SITE
+    assert world.site("unet-up-attn-1-1") == "unet.up_blocks.1.attentions.1"
     assert world.site("text-encoder-layer-2").endswith("encoder.layers.2")
     assert sites["unet-mid"] == "unet.mid_block.attentions.0"
-    for bad in ("unet-up-1-7", "text-encoder-layer-9", "nonsense", "unet.up_blocks.9"):
+    for bad in ("unet-up-attn-1-7", "text-encoder-layer-9", "nonsense", "unet.up_blocks.9"):
         with pytest.raises(InvalidInputError) as e:
             world.site(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(InvalidInputError, match="unet-up-0-0..1.*text-encoder-layer-0..3"):
-        world.site("unet-up-1-7")
+    with pytest.raises(InvalidInputError, match="unet-up-attn-0-0..1.*text-encoder-layer-0..3"):
+        world.site("unet-up-attn-1-7")
+
+
+def test_saeuron_role_on_the_sd1_layout(tmp_path):
+    """SD1.x's up block 0 has no transformer: SAeUron's up_blocks.1.attentions.1 is unet-up-attn-0-1 there."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+    from tiny import tiny_sd
+
+    from erasekit.adapters.sd import SDAdapter
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 32, 32, 32), layers_per_block=2, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+                                norm_num_groups=32, attention_head_dim=4)
+    sites = SDAdapter(SimpleNamespace(unet=unet, text_encoder=tiny_sd(tmp_path).text_encoder)).sites()
+    assert sites["unet-up-attn-0-1"] == "unet.up_blocks.1.attentions.1"  # objects
+    assert sites["unet-up-attn-0-2"] == "unet.up_blocks.1.attentions.2"  # styles
+    assert sites["unet-up-attn-2-2"] == "unet.up_blocks.3.attentions.2" and "unet-up-attn-3-0" not in sites
+    assert sites["unet-down-attn-0-0"] == "unet.down_blocks.0.attentions.0"
 
 
 def test_sites_on_tiny_sd_and_sdxl(tmp_path):
@@ -264,7 +285,7 @@ def test_sites_on_tiny_sd_and_sdxl(tmp_path):
     from erasekit.adapters import get_adapter
 
     sd, xl = get_adapter(tiny_sd(tmp_path / "a")), get_adapter(tiny_sdxl(tmp_path / "b"))
-    assert sd.site("unet-up-0-2") == "unet.up_blocks.0.attentions.2"
+    assert sd.site("unet-up-attn-0-2") == "unet.up_blocks.0.attentions.2"
     assert "text-encoder-2-layer-4" in xl.sites() and "text-encoder-2-layer-0" not in sd.sites()
     assert xl.site("text-encoder-2-layer-1").startswith("text_encoder_2.")
 
@@ -299,9 +320,9 @@ def test_sae_train_command_at_a_text_site_and_bad_sites(tmp_path, monkeypatch, c
     assert load_record(tmp_path / "te")["tokens"] == 5 * 20
     assert not (tmp_path / "te.checkpoint").exists()
     capsys.readouterr()
-    assert run(["sae", "train", "-o", "bad", "--site", "unet-up-4-0", "--n-prompts", "2"]) == 2
+    assert run(["sae", "train", "-o", "bad", "--site", "unet-up-attn-4-0", "--n-prompts", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "unknown site 'unet-up-4-0'" in err and len(err.splitlines()) == 1
+    assert "unknown site 'unet-up-attn-4-0'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
 
 
@@ -317,7 +338,7 @@ def test_sae_train_command_resumes_a_killed_run(tmp_path, monkeypatch, capsys):
     from erasekit.models import load_pipeline
 
     with pytest.raises(_Kill):
-        train_sae(get_adapter(load_pipeline(None, device="cpu")), "unet-up-1-1", _sae_prompts(None, None, 2, 0), cfg,
+        train_sae(get_adapter(load_pipeline(None, device="cpu")), "unet-up-attn-0-1", _sae_prompts(None, None, 2, 0), cfg,
                   progress=_stop_at(10), checkpoint=tmp_path / "s.checkpoint")
     assert (tmp_path / "s.checkpoint" / "state.pt").is_file()
     assert run(["sae", "train", "-o", "s", *args]) == 2

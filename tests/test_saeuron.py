@@ -22,8 +22,8 @@ from erasekit.methods.saeuron import (
 )
 from erasekit.sae import TopKSAE
 
-#: a tiny fit: the tiny UNet's up block 0 has the transformers (up block 1 has none)
-TINY = {"site": "unet-up-0-1", "sae_latents": 64, "sae_k": 4, "sae_steps": 30, "num_inference_steps": 2,
+#: a tiny fit (at the default site: unet-up-attn-0-1, the tiny UNet's up_blocks.0.attentions.1)
+TINY = {"sae_latents": 64, "sae_k": 4, "sae_steps": 30, "num_inference_steps": 2,
         "guidance_scale": 5.0, "percentile": 90.0, "multiplier": -5.0}
 SPEC = erasekit.ConceptSpec("star", preserve=("circle", "heart"))
 
@@ -191,7 +191,7 @@ def test_a_given_sae_is_used_and_checked(pipe, edit, tmp_path):
     ({"percentile": 0.0}, "percentile.*above 0"),
     ({"percentile": 101.0}, "percentile.*at most 100"),
     ({"multiplier": 2.0}, "multiplier.*at most 0"),
-    ({"site": "unet-up-7-0"}, "unknown site 'unet-up-7-0'"),
+    ({"site": "unet-up-attn-7-0"}, "unknown site 'unet-up-attn-7-0'"),
     ({"site": "text-encoder-layer-1"}, "text encoder"),
     ({"sae_k": 100, "sae_latents": 64}, "sae_k=100"),
     ({"templates": ["no slot"]}, "templates.*has no"),
@@ -205,3 +205,28 @@ def test_bad_settings_are_one_line_errors(pipe, settings, match):
 def test_registered_as_an_sae_method():
     m = get_method("saeuron")
     assert m is SAeUron and m.edit_kind == "hook" and m.family == "sae"
+
+
+@pytest.mark.slow
+def test_lowers_star_detection_on_the_world(world_pipe, classifier):
+    """On the trained world model, SAeUron's world settings (with an SAE trained at fit time, smaller than
+    the default recipe to keep this quick) take stars away and keep the other shapes."""
+    from test_world_erasure import prompts_for, rate
+
+    from erasekit.methods.saeuron import SAEURON_WORLD
+    from erasekit.world.vocab import SHAPES, erase_templates
+
+    others = tuple(s for s in SHAPES if s != "star")
+    edit = erasekit.erase(world_pipe, erasekit.ConceptSpec("star", preserve=others), method="saeuron",
+                          templates=erase_templates("shape")[:8], sae_steps=1000, **SAEURON_WORLD)
+    stars, rest = prompts_for("shape", "star", 16, seed=1), {s: prompts_for("shape", s, 4, seed=2) for s in others}
+
+    def measure():
+        return (rate(world_pipe, classifier, stars, "shape", "star", 1000),
+                sum(rate(world_pipe, classifier, p, "shape", s, 2000) for s, p in rest.items()) / len(rest))
+
+    t0, o0 = measure()
+    with edit.scoped(world_pipe):
+        t1, o1 = measure()
+    assert t0 - t1 >= 0.6, (t0, t1)
+    assert o0 - o1 <= 0.1, (o0, o1)

@@ -396,9 +396,10 @@ def world_train(
 def sae_train(
     output: Path = typer.Option(..., "-o", "--output", help="SAE folder to write (sae.safetensors, config, record)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
-    site: str = typer.Option("unet-up-1-1", "--site", help="Where the SAE reads activations, by role: unet-up-B-A "
-                             "(transformer A of UNet up block B; unet-up-1-1 is SAeUron's up_blocks.1.attentions.1), "
-                             "unet-down-B-A, unet-mid, text-encoder-layer-N (Concept Steerers), or a full module name."),
+    site: str = typer.Option("unet-up-attn-0-1", "--site", help="Where the SAE reads activations, by role: "
+                             "unet-up-attn-S-A (transformer A of the S-th up block with transformers; unet-up-attn-0-1 is "
+                             "SAeUron's up_blocks.1.attentions.1 on SD1.x, up_blocks.0.attentions.1 on the world), "
+                             "unet-down-attn-S-A, unet-mid, text-encoder-layer-N (Concept Steerers), or a module name."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="UTF-8 text, one prompt a line "
                                                 "(default on the world model: --n-prompts random world captions)."),
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="World captions to generate from, without "

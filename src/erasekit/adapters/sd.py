@@ -62,16 +62,25 @@ class SDAdapter:
         return out
 
     def sites(self) -> dict[str, str]:
-        """Activation sites by role name -> full module name: ``unet-down-B-A``/``unet-up-B-A`` (transformer A
-        of the UNet's down/up block B; SAeUron's SD1.x site ``up_blocks.1.attentions.1`` is ``unet-up-1-1``),
-        ``unet-mid`` and ``text-encoder-layer-N`` (the residual output of layer N of the first text encoder;
-        ``text-encoder-2-layer-N`` of the second)."""
+        """Activation sites by role name -> full module name.
+
+        ``unet-up-attn-S-A`` is transformer A of the S-th UNet up block that has transformers, counted in
+        the order the UNet runs them (so S = 0 is the lowest-resolution one); ``unet-down-attn-S-A`` the
+        same for down blocks; ``unet-mid`` the middle block's transformer; ``text-encoder-layer-N`` the
+        residual output of layer N of the first text encoder (``text-encoder-2-layer-N`` of the second).
+        SAeUron's object site on SD1.x, ``up_blocks.1.attentions.1`` (SD1.x's up block 0 has no
+        transformer), is ``unet-up-attn-0-1``; on the world model the same role is
+        ``up_blocks.0.attentions.1``: both are the first cross-attention up block, at a quarter of the
+        latent resolution (16x16 of 64x64; 4x4 of 16x16)."""
         out: dict[str, str] = {}
         unet = self.pipe.unet
         for kind in ("down", "up"):
+            stage = 0
             for b, block in enumerate(getattr(unet, f"{kind}_blocks", [])):
-                for a in range(len(getattr(block, "attentions", None) or [])):
-                    out[f"unet-{kind}-{b}-{a}"] = f"unet.{kind}_blocks.{b}.attentions.{a}"
+                attentions = getattr(block, "attentions", None) or []
+                for a in range(len(attentions)):
+                    out[f"unet-{kind}-attn-{stage}-{a}"] = f"unet.{kind}_blocks.{b}.attentions.{a}"
+                stage += bool(attentions)
         if getattr(getattr(unet, "mid_block", None), "attentions", None):
             out["unet-mid"] = "unet.mid_block.attentions.0"
         for i, (comp, te) in enumerate(self.text_encoder_components().items()):
@@ -101,7 +110,7 @@ class SDAdapter:
             groups.setdefault(role.rsplit("-", 1)[0] if role[-1].isdigit() else role, []).append(role)
         have = ", ".join(f"{v[0]}..{v[-1].rsplit('-', 1)[-1]}" if len(v) > 1 else v[0] for v in groups.values())
         raise InvalidInputError(f"unknown site {name!r}; this model has {have}, or name a module as "
-                                "'component.path' (e.g. unet.up_blocks.1.attentions.1)")
+                                "'component.path' (e.g. unet.up_blocks.0.attentions.1)")
 
     def kv_modules(self) -> dict[str, torch.nn.Linear]:
         """Cross-attention K/V projections by UNet-relative name (kept for callers of 0.1)."""

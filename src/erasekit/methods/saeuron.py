@@ -57,9 +57,14 @@ from ..sae import fit as fit_sae
 from .base import Method, config_dict, config_from_dict
 from .closed_form import expand
 
-#: SAeUron on the embedded world model (16x16 latents, 20 steps, guidance 2); see the README's table
-#: for what it reaches there. Filled in from benchmarks/world_erasure.py runs.
-SAEURON_WORLD: dict[str, object] = {}
+#: SAeUron on the embedded world model (20 steps, guidance 2), at the default site unet-up-attn-0-1
+#: (up_blocks.0.attentions.1, 4x4). Chosen on "star" against 16 star and 28 other-shape captions (seeds
+#: 100-143) with the SAE of `erasekit sae train` (1024 latents, k 16): percentile 99 (about 10 features
+#: a step) and gamma -3 took star 0.94 -> 0.00 with the other shapes at 1.00 and their colour, texture
+#: and background at 0.985 (1.00 unedited); gamma -10 and -30 (the paper's object range) erased less
+#: and broke more (other axes 0.92 / 0.77), as did the SD1.x-style site up_blocks.1.attentions.1
+#: (8x8: star 0.63 with neighbours 0.75 at best) and the middle block (no effect).
+SAEURON_WORLD: dict[str, object] = {"percentile": 99.0, "multiplier": -3.0}
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ class SAeUronConfig:
     sae: str = field(default="", metadata={
         "help": "folder of an SAE from `erasekit sae train` at a UNet site of this model; empty: train one at fit "
                 "time on the fit prompts' activations at `site` (settings sae_*)"})
-    site: str = field(default="unet-up-1-1", metadata={
-        "help": "where an SAE trained at fit time reads (role name, e.g. unet-up-1-1 = up_blocks.1.attentions.1, "
+    site: str = field(default="unet-up-attn-0-1", metadata={
+        "help": "where an SAE trained at fit time reads (role name: unet-up-attn-0-1 is up_blocks.1.attentions.1, "
                 "SAeUron's object site on SD1.x; or a module name); an SAE given brings its own site"})
     percentile: float = field(default=99.99, metadata={
         "help": "features whose score exceeds this percentile of all features' scores are ablated, per step "
@@ -273,7 +278,7 @@ def mean_codes(adapter: Any, sae: TopKSAE, site: str, prompts: list[list[str]], 
 def check_sae_site(adapter: Any, module: str) -> None:
     if is_text_site(adapter, module):
         raise InvalidInputError(f"saeuron edits a UNet block, but {module!r} is in a text encoder; use an SAE trained "
-                                "at a UNet site (erasekit sae train --site unet-up-1-1)")
+                                "at a UNet site (erasekit sae train --site unet-up-attn-0-1)")
     if not module.startswith("unet."):
         raise InvalidInputError(f"saeuron edits a UNet block; {module!r} is not in the UNet")
 
@@ -341,6 +346,14 @@ class SAeUron(Method):
                      "steps": steps, "guidance_scale": guidance},
             "selected_per_step": [int(v) for v in per_step], "erasekit_version": __version__,
             "sae_time_s": round(t_sae, 3), "wall_time_s": round(time.perf_counter() - t0, 4)})
+
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: ``SAEURON_WORLD`` and the world's erase templates for the concepts' axis."""
+        from ..world.vocab import erase_templates, find_axis
+
+        axes = {found[0] for c in concepts if (found := find_axis(c.target)) is not None}
+        return {**({"templates": erase_templates(axes.pop())} if len(axes) == 1 else {}), **SAEURON_WORLD}
 
     @classmethod
     def make_hooks(cls, edit: Edit, adapter: Any) -> list[Hook]:

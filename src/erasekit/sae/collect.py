@@ -12,8 +12,9 @@ from ..adapters.sampling import Hook, StepContext, resolve_module
 from ..errors import InvalidInputError
 
 #: the world model's SAE site: the last attention of the up block at the middle (8x8) resolution,
-#: the counterpart of SAeUron's ``up_blocks.1.attentions.1`` on SD1.x
-WORLD_SITE = "unet.up_blocks.1.attentions.1"
+#: the counterpart of SAeUron's ``up_blocks.1.attentions.1`` on SD1.x (role ``unet-up-attn-0-1``: the first
+#: cross-attention up block, at a quarter of the latent resolution)
+WORLD_SITE = "unet.up_blocks.0.attentions.1"
 
 
 @dataclass

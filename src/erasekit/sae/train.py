@@ -255,7 +255,7 @@ def collect_site(adapter: Any, site: str, prompts: Sequence[str], cfg: SAEConfig
 def train_sae(adapter: Any, site: str, prompts: Sequence[str], cfg: SAEConfig = SAEConfig(),
               log: Callable[[str], None] | None = None, progress: Progress | None = None,
               checkpoint: str | Path | None = None, resume: bool = False) -> tuple[TopKSAE, dict[str, Any]]:
-    """Collect activations at ``site`` (a role name such as ``unet-up-1-1`` or ``text-encoder-layer-2``, or
+    """Collect activations at ``site`` (a role name such as ``unet-up-attn-0-1`` or ``text-encoder-layer-2``, or
     a full module name) with ``adapter``, then train an SAE on them. The SAE's ``meta`` names the site (the
     full module name, and the role name given), the model's fingerprint and the family; the record adds
     collection time and the total wall time.
