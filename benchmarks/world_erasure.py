@@ -33,8 +33,10 @@ from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
 from erasekit.methods import REGISTRY  # noqa: E402
 from erasekit.methods.ablating import ABLATING_WORLD  # noqa: E402
 from erasekit.methods.advunlearn import ADVUNLEARN_WORLD  # noqa: E402
+from erasekit.methods.concept_steerers import STEERERS_WORLD  # noqa: E402
 from erasekit.methods.esd import ESD_WORLD  # noqa: E402
 from erasekit.methods.fs_te import FSTE_WORLD  # noqa: E402
+from erasekit.methods.saeuron import SAEURON_WORLD  # noqa: E402
 from erasekit.methods.safree import SAFREE_WORLD  # noqa: E402
 from erasekit.methods.salun import SALUN_WORLD  # noqa: E402
 from erasekit.methods.sld import SLD_WORLD  # noqa: E402
@@ -46,7 +48,7 @@ MULTI = {"shape": [("star", "heart"), ("circle", "square", "triangle")],
 #: world settings per method (others use their published defaults, templates always world-shaped)
 WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD, "sld": SLD_WORLD, "safree": SAFREE_WORLD, "esd": ESD_WORLD,
                   "ablating-concepts": ABLATING_WORLD, "salun": SALUN_WORLD, "fs-te": FSTE_WORLD,
-                  "advunlearn": ADVUNLEARN_WORLD}
+                  "advunlearn": ADVUNLEARN_WORLD, "saeuron": SAEURON_WORLD, "concept-steerers": STEERERS_WORLD}
 #: methods that map a concept onto an anchor need one: the next value of the axis (star -> heart ...)
 NEEDS_ANCHOR = {"ablating-concepts"}
 

@@ -186,6 +186,12 @@ def test_a_given_sae_is_used_and_checked(pipe, edit, tmp_path):
     err(tmp_path / "missing", "does not exist")
 
 
+def test_fit_refuses_a_pipeline_with_a_guard_applied(pipe):
+    guard = erasekit.erase(pipe, "moon", method="sld", warmup=0)
+    with guard.scoped(pipe), pytest.raises(InvalidInputError, match="without hook edits"):
+        erasekit.erase(pipe, SPEC, method="saeuron", **TINY)
+
+
 @pytest.mark.parametrize("settings, match", [
     ({"percentile": 100.0}, "percentile.*below 100"),
     ({"percentile": 0.0}, "percentile.*above 0"),

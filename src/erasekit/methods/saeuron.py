@@ -194,6 +194,9 @@ class MeanCodes(_StepHook):
             assert self.groups is not None and self.index is not None
             x = _tensor(out)
             n = len(self.groups)
+            if len(x) not in (n, 2 * n):
+                raise InvalidInputError(f"the UNet ran on {len(x)} rows for {n} prompts: another hook edit is applied; "
+                                        "fit saeuron on the pipeline without hook edits")
             cond = x[-n:]  # the loop's guided batch is [uncond, cond]
             tokens = to_tokens(cond)
             if tokens.shape[-1] != self.sae.d_in:
@@ -308,6 +311,9 @@ class SAeUron(Method):
         cfg = self.config
         if not hasattr(adapter.pipe, "unet") or not hasattr(adapter, "site"):
             raise InvalidInputError(f"saeuron edits a UNet block; the {adapter.family!r} family has none")
+        if any(getattr(e, "kind", None) == "hook" for e, _ in getattr(adapter.pipe, "_erasekit_stack", None) or []):
+            raise InvalidInputError("a hook edit is applied to the pipeline; fit saeuron on the pipeline without hook "
+                                    "edits (its statistics assume the plain guided batch)")
         names, prompts, targets = groups_of(concepts, cfg.templates)
         scores(torch.zeros(len(names), 1, 1), 0, [1] * len(names))  # "no other prompts" fails before any work
         adapter.check_length([p for ps in prompts for p in ps])
