@@ -424,7 +424,7 @@ def sae_train(
         ckpt = check_parent(Path(f"{output}.checkpoint"))
         cfg = apply_overrides(SAEConfig(), set_)
         text_site = site.startswith("text")
-        prompts = _sae_prompts(model, prompts_file, n_prompts or (2000 if text_site else 200), cfg.seed)
+        prompts = _sae_prompts(model, prompts_file, n_prompts if n_prompts is not None else (2000 if text_site else 200), cfg.seed)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         t0 = time.time()
