@@ -1,0 +1,47 @@
+"""The attack registry: an explicit list; a duplicate name raises at import.
+
+``erasekit.attacks.attack(pipe, concept, "textual-inversion", patch=edit)`` attacks an erasure and
+measures pre- and post-attack success; see :mod:`erasekit.attacks.run`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidInputError
+from .artefact import Adversarial
+from .base import Attack, AttackContext, guarded_prediction
+from .textual_inversion import TextualInversion
+
+_ALL: list[type[Attack]] = [TextualInversion]
+
+REGISTRY: dict[str, type[Attack]] = {}
+for _a in _ALL:
+    if _a.name in REGISTRY:
+        raise RuntimeError(f"two attacks are registered as {_a.name!r}")
+    REGISTRY[_a.name] = _a
+
+
+def get_attack(name: str) -> type[Attack]:
+    """The attack class registered as ``name``."""
+    try:
+        return REGISTRY[name.strip().lower()]
+    except (KeyError, AttributeError):
+        raise InvalidInputError(f"unknown attack {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, kind, description and settings of each registered attack."""
+    import dataclasses
+
+    out = []
+    for cls in REGISTRY.values():
+        out.append({"name": cls.name, "kind": cls.kind, "description": cls.description,
+                    "config": [{"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+                               for f in dataclasses.fields(cls.Config)]})
+    return out
+
+
+from .run import AttackResult, attack  # noqa: E402
+
+__all__ = ["Adversarial", "Attack", "AttackContext", "AttackResult", "REGISTRY", "attack", "describe", "get_attack",
+           "guarded_prediction"]
