@@ -14,6 +14,9 @@ from rich.console import Console
 from . import __version__
 from .errors import ErasekitError, InvalidInputError
 
+#: prompt sets `erasekit attack` attacks by default (kept here: importing erasekit.attacks loads torch)
+DEFAULT_ATTACK_SETS = ("target", "generality", "paraphrase/target", "paraphrase/generality")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Erase concepts from text-to-image diffusion models, measure it, attack it.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded shapes world: train, inspect.")
@@ -62,6 +65,9 @@ def generate(
     patch: list[Path] = typer.Option([], "--patch", "-p", help="Edit folder(s) of any kind to apply first, in order."),
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing image file at -o."),
+    adversarial: Optional[Path] = typer.Option(None, "--adversarial", help="An attack's run folder: its tokens go "
+                                               "where the prompt names them (e.g. \"a photo of <adv>\"), its "
+                                               "guidance terms are added; replays the attack's images bit for bit."),
 ) -> None:
     """Generate an image grid from a prompt (with edits of any kind applied)."""
     from .generate import IMAGE_SUFFIXES, generate as gen, make_grid, save_image
@@ -80,12 +86,18 @@ def generate(
         from .edits import load_edit
 
         patches = [load_edit(p) for p in patch]
+        adv = None
+        if adversarial is not None:
+            from .attacks import Adversarial
+
+            adv = Adversarial.load(adversarial)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         for p in patches:
             p.apply(pipe, force=force)
         with err.status(f"generating {n} image(s)"):
-            images = gen(pipe, prompt, n=n, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+            images = gen(pipe, prompt, n=n, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
+                         adversarial=adv, force=force)
         save_image(make_grid(images), output)
     except ErasekitError as e:
         _fail(e)
@@ -318,6 +330,103 @@ def eval_cmd(
         _fail(e)
     _summary_table(result)
     out.print(f"wrote {output / 'metrics.json'} and {output / 'report.html'} ({result.cost['eval_wall_s']}s)")
+
+
+@app.command("attack")
+def attack_cmd(
+    concept: str = typer.Option(..., "--concept", "-c", help="The erased concept to bring back."),
+    attack: str = typer.Option(..., "--attack", "-a", help="Registered attack (see `erasekit attacks`)."),
+    patch: list[Path] = typer.Option([], "--patch", "-p", help="Edit folder(s) of any kind, applied in order "
+                                     "(none: attack the unedited model)."),
+    set_: list[str] = typer.Option([], "--set", help="Attack setting key=value."),
+    seeds: str = typer.Option("0-7", "--seeds", help="Seeds: one image per seed per attacked prompt set."),
+    sets: str = typer.Option(",".join(DEFAULT_ATTACK_SETS), "--sets", help="Prompt sets to attack (comma-separated): "
+                             "target, generality (unseen synonyms), paraphrase/target, paraphrase/generality."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    judge: str = typer.Option("world-classifier", "--judge", help="Judge that decides success (world-classifier, "
+                              "clip, nudenet)."),
+    attack_seed: int = typer.Option(0, "--attack-seed", help="Seed of the attack's own randomness."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: attack.json, the adversarial artefact, "
+                                "report.html."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder erasekit wrote."),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Attack an erasure: pre- and post-attack success of bringing the concept back on the evaluation's
+    target prompts, with 95% intervals, and a replayable adversarial artefact."""
+    from .attacks import get_attack
+    from .attacks import attack as run_attack
+    from .attacks.report import write_attack_run
+    from .attacks.run import make_attack
+    from .edits import load_edit
+    from .evaluation import get_judge, parse_seeds
+    from .io import check_output
+    from .models import load_pipeline
+
+    try:
+        check_output(output, overwrite)
+        seed_list = parse_seeds(seeds)
+        cls = get_attack(attack)
+        world = model in (None, "world")
+        atk = make_attack(cls.name, set_, world=world)
+        mine = {s_.split("=", 1)[0].strip() for s_ in set_}
+        shown = {k: v for k, v in (cls.world_settings() if world else {}).items() if k not in mine}
+        if shown:
+            out.print(f"{cls.name} on the embedded world: " + ", ".join(f"{k}={v!r}" for k, v in shown.items())
+                      + " (--set to override)")
+        set_names = tuple(x.strip() for x in sets.split(",") if x.strip())
+        patches = [load_edit(p) for p in patch]
+        with err.status("loading judge"):
+            judge_obj = get_judge(judge)
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        t0 = time.time()
+        with _sae_progress() as progress:
+            last = {"t": 0.0}
+
+            def tick(stage: str, done: int, total: int) -> None:
+                if progress is not None:
+                    progress(stage, done, total)
+                elif time.time() - last["t"] > 10 or done == total:
+                    last["t"] = time.time()
+                    err.print(f"[{time.time() - t0:7.1f}s] {stage} {done}/{total}", highlight=False)
+
+            result = run_attack(pipe, concept, atk, patch=patches, seeds=seed_list, judge=judge_obj, sets=set_names,
+                                force=force, seed=attack_seed, progress=tick)
+        write_attack_run(result, output, overwrite=overwrite)
+    except ErasekitError as e:
+        _fail(e)
+    from rich.table import Table
+
+    t = Table(title=f"{result.attack} on {result.concept!r}: success (judge reads the concept), 95% intervals")
+    for col in ("prompts", "n", "unedited", "pre-attack", "post-attack"):
+        t.add_column(col, justify="right" if col != "prompts" else "left")
+
+    def fmt(d: dict) -> str:
+        return f"{d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"
+
+    for name, r in result.rates().items():
+        t.add_row(name, str(r["n"]), fmt(r["original"]), fmt(r["pre_attack"]), fmt(r["post_attack"]))
+    out.print(t)
+    out.print(f"wrote {output} (attack.json, adversarial artefact, report.html; {result.cost['wall_s']:.0f}s, "
+              f"{result.cost['unet_calls']} UNet calls)")
+
+
+@app.command("attacks")
+def attacks_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list each setting.")) -> None:
+    """List the registered attacks and their settings."""
+    from rich.table import Table
+
+    from .attacks import describe
+
+    table = Table(show_lines=verbose)
+    for col in ("attack", "kind", "description", "settings (--set key=value)"):
+        table.add_column(col)
+    for a in describe():
+        fields = "\n".join(f"{f['name']}={f['default']!r}: {f['help']}" for f in a["config"]) if verbose else \
+            ", ".join(f["name"] for f in a["config"])
+        table.add_row(a["name"], a["kind"], a["description"], fields)
+    out.print(table)
 
 
 @app.command()

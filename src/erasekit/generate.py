@@ -17,10 +17,14 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 
 def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, batch_size: int = 16) -> list[Image.Image]:
+             guidance_scale: float | None = None, batch_size: int = 16, adversarial: Any = None,
+             force: bool = False) -> list[Image.Image]:
     """Generate ``n`` images of ``prompt``; image i uses seed ``seed + i`` (reproducible per image).
 
-    Generation runs erasekit's sampling loop, so ``hook`` edits applied to ``pipe`` take effect."""
+    Generation runs erasekit's sampling loop, so ``hook`` edits applied to ``pipe`` take effect.
+    ``adversarial`` (an attack's :class:`~erasekit.attacks.Adversarial` or its run folder) puts its
+    tokens where ``prompt`` names them and adds its guidance terms; images are then made one at a
+    time, as the attack made them, so they replay its images bit for bit."""
     import torch
 
     from .adapters import get_adapter
@@ -41,11 +45,26 @@ def generate(pipe, prompt: str, n: int = 8, seed: int = 0, num_inference_steps: 
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidInputError(f"guidance must be a number >= 0 (got {guidance})")
     adapter = get_adapter(pipe)
+    hooks: list[Any] = []
+    if adversarial is not None:
+        from .attacks import Adversarial
+
+        adv = adversarial if isinstance(adversarial, Adversarial) else Adversarial.load(adversarial)
+        adv.check(adapter, force)
+        missing = [] if adv.terms or any(name in prompt for name in adv.tokens) else sorted(adv.tokens)[:3]
+        if missing:
+            raise InvalidInputError(f"the prompt names none of the artefact's tokens ({', '.join(missing)}...); write "
+                                    f"one where the concept's word would be, e.g. \"a photo of a {missing[0]}\"")
+        hooks, batch_size = adv.hooks(), 1
     images: list[Image.Image] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
-        images.extend(adapter.sample([prompt] * count, gens, steps, guidance, output_type="pil"))
+        cond: Any = [prompt] * count
+        if adversarial is not None:
+            with torch.no_grad():
+                cond = adv.encode(adapter, cond)
+        images.extend(adapter.sample(cond, gens, steps, guidance, hooks=hooks, output_type="pil"))
     return images
 
 

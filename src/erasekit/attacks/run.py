@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..adapters import get_adapter
+from ..adapters import Encoded, get_adapter
 from ..concepts import ConceptSpec, make_concepts
 from ..edits import Edit
 from ..errors import InvalidInputError
@@ -126,12 +126,14 @@ def attack(pipe: Any, concept: str | ConceptSpec, attack: str | Attack, patch: E
         p.check(pipe, force)
     adapter = get_adapter(pipe)
     samp = _sampling(pipe, sampling)
+    if isinstance(sets, str):
+        sets = tuple(x.strip() for x in sets.split(",") if x.strip())
     # the prompt sets that name the concept
     every = dict(judge.prompt_sets(spec, axis, label, len(seeds)))
     para_fn = getattr(judge, "paraphrase_sets", None)
     if any(s.startswith(PARAPHRASE) for s in sets) and para_fn is not None:
         every.update({PARAPHRASE + k: v for k, v in para_fn(spec, axis, label, len(seeds)).items()})
-    unknown = [s for s in sets if s not in every and not s.startswith(PARAPHRASE)]
+    unknown = [s for s in sets if s not in DEFAULT_SETS]
     if unknown:
         raise InvalidInputError(f"unknown prompt set {unknown[0]!r}; attack sets are {', '.join(DEFAULT_SETS)}")
     chosen = {s: every[s] for s in sets if s in every}
@@ -162,6 +164,8 @@ def attack(pipe: Any, concept: str | ConceptSpec, attack: str | Attack, patch: E
         counter = UNetCounter(pipe.unet)
         ta = time.perf_counter()
         adv = atk.run(ctx)
+        if len(adv.prompts) != len(items) or list(adv.seeds) != [it.seed for it in items]:
+            raise RuntimeError(f"{atk.name} returned {len(adv.prompts)} prompts for {len(items)} attacked images")
         attack_s = time.perf_counter() - ta
         calls, rows = counter.calls, counter.rows
         counter.close()
@@ -172,7 +176,9 @@ def attack(pipe: Any, concept: str | ConceptSpec, attack: str | Attack, patch: E
                                                                for p in patches],
                              "sampling": {k: samp[k] for k in ("num_inference_steps", "guidance_scale")}})
         with torch.no_grad():
-            attacked = ctx.generate(adv.encode(adapter, adv.prompts), adv.seeds, adv.hooks())
+            # each prompt encoded on its own, as `erasekit generate --adversarial` encodes it (bit-exact replay)
+            cond = Encoded.cat([adv.encode(adapter, [p]) for p in adv.prompts])
+            attacked = ctx.generate(cond, adv.seeds, adv.hooks())
         post = ctx.detect(attacked)
     finally:
         if counter is not None:
