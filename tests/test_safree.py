@@ -127,8 +127,22 @@ def test_embeddings_without_prompt_text_are_refused(tmp_path):
     ad = get_adapter(pipe)
     edit = erasekit.erase(pipe, "star", method="safree")
     enc = ad.encode(["a photo of a star"])
-    with edit.scoped(pipe), pytest.raises(InvalidInputError, match="from the prompt text"):
+    with edit.scoped(pipe), pytest.raises(InvalidInputError, match="from the prompt's tokens"):
         ad.sample(Encoded(enc.embeds, enc.lengths), [torch.Generator().manual_seed(0)], 2, 5.0)
+
+
+def test_embeddings_that_carry_their_tokens_are_guarded_as_their_prompt_is(tmp_path):
+    """An attack's conditioning (encode_embeddings) carries what the text encoder read, so SAFREE finds
+    trigger tokens in it as it does in the prompt's text, and guards it the same."""
+    pipe = tiny_sd(tmp_path)
+    ad = get_adapter(pipe)
+    edit = erasekit.erase(pipe, "star", method="safree")
+    prompt = ["a photo of a star"]
+    enc = ad.encode_embeddings(ad.token_embeddings(prompt), ad.input_ids(prompt))
+    with edit.scoped(pipe), torch.no_grad():
+        a = ad.sample(prompt, [torch.Generator().manual_seed(0)], 2, 5.0)
+        b = ad.sample(enc, [torch.Generator().manual_seed(0)], 2, 5.0)
+    assert np.allclose(a, b, atol=1e-4)
 
 
 def test_svf_steps_through_the_noise_hook_match_projecting_through_embeddings(tmp_path):

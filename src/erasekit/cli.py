@@ -254,6 +254,14 @@ def _summary_table(result) -> None:
             if any(key in f for f in fams.values()):
                 t.add_row(name, *(fmt(f.get(key)) for f in fams.values()))
         out.print(t)
+    for c in result.concepts:
+        if c.robustness:
+            t = Table(title=f"robustness of the erasure of {c.concept!r}: attack success, 95% intervals")
+            for col in ("attack", "pre-attack", "post-attack (lower is better)"):
+                t.add_column(col, justify="left" if col == "attack" else "right")
+            for name, r in c.robustness.items():
+                t.add_row(name, fmt(r["success"]["all"]["pre_attack"]), fmt(r["success"]["all"]["post_attack"]))
+            out.print(t)
     if any(c.paraphrase is not None for c in result.concepts):
         out.print("templated: the world's training caption templates; paraphrase: a grammar disjoint from them and "
                   "from the erase templates (erasekit.evaluation.paraphrase)", highlight=False)
@@ -291,9 +299,13 @@ def eval_cmd(
                                                   "of several hundred; clip and nudenet judges)."),
     paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also score the paraphrase prompt "
                                     "family where the judge has one (world model; doubles the images)."),
+    attack: str = typer.Option("", "--attack", help="Attacks to add robustness with, comma-separated (see `erasekit "
+                               "attacks`; their world settings on the world model)."),
+    attack_seeds: str = typer.Option("0-7", "--attack-seeds", help="Seeds the attacks run on."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
-    """Generate with and without the patch on the same seeds; write metrics.json and report.html."""
+    """Generate with and without the patch on the same seeds; write metrics.json and report.html
+    (with --attack, also robustness: each attack's pre- and post-attack success)."""
     from .concepts import load_concepts, make_concepts
     from .edits import load_edit
     from .evaluation import evaluate, get_judge, parse_seeds
@@ -308,6 +320,13 @@ def eval_cmd(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         unrelated = load_unrelated(unrelated_file) if unrelated_file is not None else None
+        attack_names = [a.strip() for a in attack.split(",") if a.strip()]
+        if attack_names:
+            from .attacks import get_attack
+
+            for a in attack_names:
+                get_attack(a)  # an unknown name fails before anything is loaded
+            parse_seeds(attack_seeds)
         patches = [load_edit(p) for p in patch]
         judge_kwargs = {}
         for pair in judge_set:
@@ -324,7 +343,8 @@ def eval_cmd(
             pipe = load_pipeline(model, device=device)
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
             result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force,
-                              fid_features=fid_features, unrelated=unrelated, paraphrase=paraphrase)
+                              fid_features=fid_features, unrelated=unrelated, paraphrase=paraphrase,
+                              attacks=attack_names, attack_seeds=parse_seeds(attack_seeds) if attack_names else None)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)

@@ -34,11 +34,15 @@ class Encoded:
         embeds: (N, L, d) cross-attention input (``prompt_embeds``).
         lengths: (N,) number of real tokens per prompt including start and end tokens.
         pooled: (N, d_pool) pooled embedding where the family has one (SDXL ``add_embeds``).
+        inputs: when encoded from token embeddings (``encode_embeddings``), what the text encoders read:
+            (token embeddings (N, L, d_tok), token ids (N, L)) per text encoder, so that a hook that
+            inspects tokens (SAFREE) can read adversarial vectors that no prompt text names.
     """
 
     embeds: torch.Tensor
     lengths: torch.Tensor
     pooled: torch.Tensor | None = None
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def last_subject(self) -> torch.Tensor:
         """(N, d) row of each prompt's last subject token (index ``length - 2``; SOT for "")."""
@@ -56,13 +60,18 @@ class Encoded:
     def index(self, idx: torch.Tensor | list[int]) -> "Encoded":
         """The rows ``idx`` of the batch (repeats allowed)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
+        inputs = None if self.inputs is None else [(e[idx.to(e.device)], i[idx.to(i.device)]) for e, i in self.inputs]
         return Encoded(self.embeds[idx.to(self.embeds.device)], self.lengths[idx.to(self.lengths.device)],
-                       None if self.pooled is None else self.pooled[idx.to(self.pooled.device)])
+                       None if self.pooled is None else self.pooled[idx.to(self.pooled.device)], inputs)
 
     @staticmethod
     def cat(parts: list["Encoded"]) -> "Encoded":
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])  # type: ignore[misc]
-        return Encoded(torch.cat([p.embeds for p in parts]), torch.cat([p.lengths for p in parts]), pooled)
+        inputs = None
+        if all(p.inputs is not None for p in parts):
+            inputs = [(torch.cat([p.inputs[k][0] for p in parts]), torch.cat([p.inputs[k][1] for p in parts]))  # type: ignore[index]
+                      for k in range(len(parts[0].inputs))]  # type: ignore[arg-type]
+        return Encoded(torch.cat([p.embeds for p in parts]), torch.cat([p.lengths for p in parts]), pooled, inputs)
 
 
 @runtime_checkable

@@ -190,7 +190,9 @@ class SDAdapter:
         ids = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
         eos = self._text_pairs()[0][0].eos_token_id
         lengths = (ids[0].cpu() == eos).int().argmax(-1) + 1
-        return self._encode_from(embeds, ids, lengths)
+        out = self._encode_from(embeds, ids, lengths)
+        out.inputs = list(zip(embeds, ids))
+        return out
 
     def _encode_from(self, embeds: list[torch.Tensor], ids: list[torch.Tensor], lengths: torch.Tensor) -> Encoded:
         te = self.pipe.text_encoder

@@ -49,6 +49,7 @@ class ConceptResult:
     images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     paraphrase: dict[str, Any] | None = None
+    robustness: dict[str, Any] = field(default_factory=dict)
 
     def families(self) -> dict[str, dict[str, Any]]:
         """The headline figures of each prompt family, side by side (see :func:`family_summary`)."""
@@ -86,6 +87,8 @@ class EvalResult:
                  "metrics": c.metrics}
             if c.paraphrase is not None:
                 d["paraphrase_metrics"] = c.paraphrase
+            if c.robustness:
+                d["robustness"] = c.robustness
             d["prompts"] = c.prompts
             return d
 
@@ -310,7 +313,8 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
              sampling: dict[str, Any] | None = None, force: bool = False, keep_images: bool = True,
              fid_features: str = "judge",
              prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None, paraphrase: bool = True,
-             unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0) -> EvalResult:
+             unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0,
+             attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None) -> EvalResult:
     """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
     ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
@@ -336,6 +340,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     ``unrelated`` (a list of prompts or a text file, one a line) replaces the shipped unrelated
     prompts of open-vocabulary judges (CLIP, NudeNet) and the concepts' preserve prompts; the
     prompts are sampled by ``prompt_seed``, which also draws the world's captions.
+
+    ``attacks`` (registered names, with their world settings when the judge is the world's, or
+    configured :class:`~erasekit.attacks.Attack` objects) adds robustness: each attack runs against
+    the patch on the concept's target and synonym prompts (and their paraphrases) for
+    ``attack_seeds`` (default: the first 8 seeds), and ``ConceptResult.robustness[name]`` holds its
+    pre- and post-attack success with intervals and its cost (:func:`erasekit.attacks.attack`).
     """
     t0 = time.perf_counter()
     check_features(fid_features)
@@ -361,6 +371,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                                 "evaluate hook edits on a diffusers pipeline")
     for p in patches:  # refuse an edit for another model before generating anything
         p.check(pipe, force)
+    attack_objs = _attacks(attacks, judge)
+    a_seeds = seeds[:8] if attack_seeds is None else list(attack_seeds)
+    if attack_objs and (custom or not a_seeds):
+        raise InvalidInputError("attacks need a diffusers pipeline and at least one attack seed" if not custom else
+                                "this generator is not a supported pipeline, so it cannot be attacked")
     state = custom or state_key(pipe)
     patched_state = edits_key(state, patches)
     patch_key = "+".join(p.digest for p in patches) or "none"
@@ -398,8 +413,16 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         if para:
             pm = _family_metrics(judge, para, {k: sc[PARAPHRASE + k] for k in para},
                                  {k: imgs[PARAPHRASE + k] for k in para}, fid_features)
+        robust = {}
+        for atk in attack_objs:
+            from ..attacks import attack as run_attack
+
+            sets_ = ("target", "generality") + (("paraphrase/target", "paraphrase/generality") if paraphrase else ())
+            r = run_attack(pipe, spec, atk, patch=patches, seeds=a_seeds, judge=judge, cache=cache, sampling=sampling,
+                           sets=sets_, force=force)
+            robust[r.attack] = {"config": r.config, "success": r.rates(), "cost": r.cost, "record": r.record}
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
-                                     {k: list(v.prompts) for k, v in every.items()}, pm))
+                                     {k: list(v.prompts) for k, v in every.items()}, pm, robust))
     cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
     families = {"templated": "the judge's prompt sets" + (" (the world's training caption templates)"
                                                           if isinstance(judge, WorldJudge) else "")}
@@ -416,4 +439,21 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                 "prompt_families": families, "prompt_seed": prompt_seed,
                 "unrelated_prompts": "given" if extra is not None else "shipped or the concepts' preserve prompts",
                 "bootstrap": dict(METHOD)}
+    if attack_objs:
+        settings["attacks"] = {"names": [a.name for a in attack_objs], "seeds": a_seeds}
     return EvalResult(results, settings, cost)
+
+
+def _attacks(attacks: Sequence[Any], judge: Judge) -> list[Any]:
+    """Attack objects from names (world settings with the world judge) or objects; duplicates refused."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not attacks:
+        return []
+    from ..attacks.run import make_attack
+
+    out = [make_attack(a, world=isinstance(judge, WorldJudge)) for a in attacks]
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"an attack is named twice in {', '.join(names)}; name each once")
+    return out

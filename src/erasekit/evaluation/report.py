@@ -145,6 +145,19 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
         parts.append("<p class='ci'>No paraphrase family: this judge has none, it was turned off, or the prompt "
                      "sets came from outside.</p>")
     parts.append(f"<p class='ci' id='intervals'>{ci_note}.</p></section>")
+    if any(c.robustness for c in result.concepts):
+        parts.append("<section id='robustness'><h2>Robustness</h2><p>Attack success: the judge reads the concept on "
+                     "the target and synonym prompts (and their paraphrases), pre-attack (the patched model, same "
+                     f"prompts and seeds) and post-attack; seeds {html.escape(str(s.get('attacks', {}).get('seeds')))}"
+                     ". Lower post-attack is more robust.</p><table><tr><th>concept</th><th>attack</th><th>pre-attack"
+                     "</th><th>post-attack</th><th>gain</th><th>attack time</th></tr>")
+        for c in result.concepts:
+            for name, r in c.robustness.items():
+                a = r["success"]["all"]
+                parts.append(f"<tr><td>{html.escape(c.concept)}</td><td>{html.escape(name)}</td>"
+                             f"<td>{_est(a['pre_attack'])}</td><td>{_est(a['post_attack'])}</td><td>{_est(a['gain'])}"
+                             f"</td><td>{r['cost']['attack_s']:.1f} s</td></tr>")
+        parts.append("</table></section>")
     for c in result.concepts:
         m = c.metrics
         p = c.paraphrase

@@ -205,6 +205,22 @@ def masked_pooled(adapter: Any, prompt: str, length: int) -> torch.Tensor:
     return pooled(adapter.encode_embeddings(embeds, rows))[:n]
 
 
+def masked_pooled_inputs(adapter: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> torch.Tensor:
+    """:func:`masked_pooled` of one prompt given as what the text encoders read ((L, d_tok) token embeddings and
+    (L,) ids per encoder, as ``Encoded.inputs`` holds them): each real token in turn becomes id 0."""
+    n = max(length - 2, 0)
+    embeds, rows = [], []
+    for (e, ids), te in zip(inputs, adapter.text_encoders()):
+        r = ids.repeat(max(n, 1), 1)
+        m = e.repeat(max(n, 1), 1, 1).clone()
+        zero = te.get_input_embeddings().weight[0].to(m)
+        r[torch.arange(n), torch.arange(1, n + 1)] = 0
+        m[torch.arange(n), torch.arange(1, n + 1)] = zero
+        rows.append(r)
+        embeds.append(m)
+    return pooled(adapter.encode_embeddings(embeds, rows))[:n]
+
+
 # ---------------------------------------------------------------------- hooks
 def _lra_filter(h: torch.Tensor, guarded: slice, original: slice, scale: float) -> torch.Tensor:
     """SafeGuard_Low_Fourier_filter (threshold 1) on the guarded rows of skip features ``h`` (B, C, H, W)."""
@@ -250,9 +266,9 @@ class SafreeHook(Hook):
 
     # ------------------------------------------------------------------ conditioning
     def embeddings(self, ctx: SampleContext, cond: Encoded, uncond: Encoded | None) -> tuple[Encoded, Encoded | None]:
-        if ctx.prompts is None:
-            raise InvalidInputError("safree finds trigger tokens from the prompt text; generate from prompts, "
-                                    "not from prompt embeddings")
+        if ctx.prompts is None and cond.inputs is None:
+            raise InvalidInputError("safree finds trigger tokens from the prompt's tokens; generate from prompts, "
+                                    "or from embeddings made by encode_embeddings (they carry their tokens)")
         adapter = ctx.adapter
         if self.p_toxic.shape[0] != cond.embeds.shape[-1]:
             raise InvalidInputError(f"this safree edit's subspace has width {self.p_toxic.shape[0]} but the pipeline's "
@@ -260,11 +276,16 @@ class SafreeHook(Hook):
         p_toxic = self.p_toxic.to(adapter.device)
         cache: dict[tuple[str, int], torch.Tensor] = {}
         rows, self.info = [], []
-        for i, prompt in enumerate(ctx.prompts):
+        for i in range(len(cond)):
             length = int(cond.lengths[i])
-            if (prompt, length) not in cache:
-                cache[(prompt, length)] = masked_pooled(adapter, prompt, length)
-            res = safree_rows(cond.embeds[i], length, cache[(prompt, length)], p_toxic, self.cfg)
+            if ctx.prompts is not None:
+                prompt = ctx.prompts[i]
+                if (prompt, length) not in cache:
+                    cache[(prompt, length)] = masked_pooled(adapter, prompt, length)
+                masked = cache[(prompt, length)]
+            else:  # adversarial token vectors: mask the rows the text encoders read
+                masked = masked_pooled_inputs(adapter, [(e[i], ids[i]) for e, ids in cond.inputs], length)  # type: ignore[union-attr]
+            res = safree_rows(cond.embeds[i], length, masked, p_toxic, self.cfg)
             self.info.append(res)
             rows.append(res.rows)
         self.original = cond
