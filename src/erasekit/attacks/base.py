@@ -188,9 +188,9 @@ def guarded_prediction(adapter: Any, x: torch.Tensor, t: torch.Tensor | int, con
     index = int((schedule.to(torch.float32) - float(t0)).abs().argmin())
     step = StepContext(ctx, index, t0, x, cond, uncond, guidance)
 
-    def predict(c: Encoded | None = None, u: Encoded | None = None) -> torch.Tensor:
-        return adapter.predict_noise(x, t0, step.cond if c is None else c, step.uncond if u is None else u,
-                                     guidance)
+    def predict(cond: Encoded | None = None, uncond: Encoded | None = None) -> torch.Tensor:
+        return adapter.predict_noise(x, t0, step.cond if cond is None else cond,
+                                     step.uncond if uncond is None else uncond, guidance)
 
     predict._erasekit_plain = True  # type: ignore[attr-defined]
     with module_hooks(adapter, hooks):
