@@ -88,9 +88,20 @@ class Adversarial:
         return [ArithmeticHook(self.terms)] if self.terms else []
 
     # ------------------------------------------------------------------ files
-    def save(self, folder: str | Path) -> None:
-        """Write ``adversarial.json`` and ``adversarial.safetensors`` into ``folder`` (atomically each)."""
+    def save(self, folder: str | Path, overwrite: bool = False) -> None:
+        """Write ``adversarial.json`` and ``adversarial.safetensors`` into ``folder``: a new folder is made
+        atomically; in an existing one each file is written atomically, and an artefact already there is
+        replaced only with ``overwrite``."""
         folder = Path(folder)
+        if not folder.exists():
+            from ..io import atomic_dir
+
+            with atomic_dir(folder) as tmp:
+                self.save(tmp)
+            return
+        if not overwrite and ((folder / JSON_NAME).exists() or (folder / TENSORS_NAME).exists()):
+            raise InvalidInputError(f"{folder} already holds an adversarial artefact; choose another folder or pass "
+                                    "overwrite=True")
         tensors = {f"{name}/{i}": v.detach().to("cpu").contiguous() for name, vecs in self.tokens.items()
                    for i, v in enumerate(vecs)}
         meta = {"format_version": FORMAT_VERSION, "attack": self.attack, "prompts": self.prompts, "seeds": self.seeds,
