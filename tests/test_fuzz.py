@@ -46,7 +46,35 @@ def workdir(tmp_path_factory, world_pipe):
     m["config"]["lam"] = 9
     (d / "edited-edit" / "edit.json").write_text(json.dumps(m))
     erasekit.erase(tiny_sdxl(tmp_path_factory.mktemp("tok")), "star", method="uce").save(d / "sdxl-edit")
+    from erasekit.attacks import attack
+    from erasekit.attacks.report import write_attack_run
+    from erasekit.attacks.textual_inversion import TextualInversion
+
+    r = attack(world_pipe, "star", TextualInversion(steps=1, batch_size=1), patch=edit, seeds=[0], sets=("target",),
+               cache=d.parent / "attack-cache")
+    write_attack_run(r, d / "adv-run")
+    write_attack_run(r, d / "adv-other")
+    m = json.loads((d / "adv-other" / "adversarial.json").read_text())
+    m["manifest"]["model_fingerprint"] = "0" * 64
+    (d / "adv-other" / "adversarial.json").write_text(json.dumps(m))
     return d
+
+
+def attack_setting_cases() -> list[list[str]]:
+    """Per registered attack: a setting of the wrong type and, where one is bounded, an out-of-range value."""
+    from erasekit.attacks import REGISTRY as ATTACKS
+
+    out = []
+    for name, cls in ATTACKS.items():
+        fields = dataclasses.fields(cls.Config)
+        typed = next(f for f in fields if f.type in ("int", "float", int, float))
+        out.append(["attack", "-c", "star", "-a", name, "-p", "edit", "--set", f"{typed.name}=notanumber", "-o", "r"])
+        bounded = next((f for f in fields if "min" in f.metadata or "above" in f.metadata), None)
+        if bounded is not None:
+            low = bounded.metadata.get("min", bounded.metadata.get("above"))
+            out.append(["attack", "-c", "star", "-a", name, "-p", "edit", "--set", f"{bounded.name}={low - 1}",
+                        "-o", "r"])
+    return out
 
 
 def setting_cases() -> list[list[str]]:
@@ -113,7 +141,25 @@ CASES = [
     ["sae", "train"], ["sae", "train", "-o", "s", "--n-prompts", "0"], ["sae", "train", "-o", "s", "--prompts-file", "nope"],
     ["sae", "train", "-o", "s", "--prompts-file", "latin1.txt"], ["sae", "train", "-o", "s", "--set", "k=0"],
     ["sae", "train", "-o", "s", "--model", "pic.png"], ["sae", "train", "-o", "existing-dir"],
-] + setting_cases()
+    # attack, and replaying its artefact
+    ["attack", "-c", "zebra", "-a", "textual-inversion", "-p", "edit", "-o", "r"],
+    ["attack", "-c", "star", "-a", "nope", "-p", "edit", "-o", "r"], ["attack", "-c", "star", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "--set", "steps=0", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "--set", "token=adv", "--seeds", "0",
+     "--sets", "target", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "--set", "num_vectors=16", "--set", "steps=1",
+     "--seeds", "0", "--sets", "target", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "--sets", "neighbours", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "--seeds", "", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "sdxl-edit", "-o", "r"],
+    ["attack", "-c", "star", "-a", "textual-inversion", "-p", "edit", "-o", "existing-dir"],
+    ["generate", "a <adv>", "--adversarial", "nope", "-o", "g.png"],
+    ["generate", "a <adv>", "--adversarial", "pic.png", "-o", "g.png"],
+    ["generate", "a <adv>", "--adversarial", "adv-other", "-p", "edit", "-o", "g.png"],
+    ["generate", "a red star", "--adversarial", "adv-run", "-p", "edit", "-o", "g.png"],
+    ["eval", "-c", "star", "-p", "edit", "--attack", "nope", "-o", "run"],
+    ["eval", "-c", "star", "-p", "edit", "--attack", "textual-inversion", "--attack-seeds", "x", "-o", "run"],
+] + setting_cases() + attack_setting_cases()
 
 
 def tree_hash(folder: Path) -> str:
@@ -127,7 +173,7 @@ def tree_hash(folder: Path) -> str:
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 60
-    assert {c[0] for c in CASES} >= {"generate", "erase", "export", "eval", "demo", "world"}
+    assert {c[0] for c in CASES} >= {"generate", "erase", "export", "eval", "demo", "world", "attack"}
 
 
 @pytest.mark.parametrize("argv", CASES, ids=lambda a: " ".join(a)[:60])
