@@ -21,7 +21,7 @@ TINY: dict[str, dict] = {
     "unlearndiffatk": {"prefix_k": 2, "timesteps": 2, "iterations": 2},
     "p4d": {"iterations": 3, "n_tokens": 2, "eval_every": 2},
     "ring-a-bell": {"population": 8, "generations": 3, "n_tokens": 4},
-    "concept-arithmetic": {"rounds": 2, "search_seeds": 1},
+    "concept-arithmetic": {"trials": 4, "search_prompts": 1, "search_seeds": 1, "max_terms": 2},
 }
 SAMPLING = {"num_inference_steps": 2, "guidance_scale": 2.0}
 EDITS = {"weight": ("uce", {}), "lora": ("uce", {"lora_rank": 4}), "hook": ("negative-prompt", {})}

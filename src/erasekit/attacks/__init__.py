@@ -10,9 +10,11 @@ from typing import Any
 from ..errors import InvalidInputError
 from .artefact import Adversarial
 from .base import Attack, AttackContext, guarded_prediction
+from .concept_arithmetic import ConceptArithmetic
 from .textual_inversion import TextualInversion
+from .unlearndiffatk import UnlearnDiffAtk
 
-_ALL: list[type[Attack]] = [TextualInversion]
+_ALL: list[type[Attack]] = [TextualInversion, ConceptArithmetic, UnlearnDiffAtk]
 
 REGISTRY: dict[str, type[Attack]] = {}
 for _a in _ALL:
