@@ -62,7 +62,9 @@ def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(REGISTRY)}")
         mine = [s.split(".", 1)[1] for s in sets if s.split(".", 1)[0] == m]
-        base = dict(WORLD_SETTINGS.get(m, {}))
+        # the method's own world settings (what `erasekit erase` uses on the world), then this table's
+        own = {k: v for k, v in REGISTRY[m].world_settings([ConceptSpec("star")]).items() if k != "templates"}
+        base = {**own, **WORLD_SETTINGS.get(m, {})}
         cfg = apply_overrides(REGISTRY[m].Config(**base), mine)
         keys = set(base) | {s.split("=", 1)[0] for s in mine}
         out[m] = {k: getattr(cfg, k) for k in keys}
