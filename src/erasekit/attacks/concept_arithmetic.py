@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters import Encoded
 from ..errors import InvalidInputError
-from .artefact import PROMPT_SLOT, Adversarial, ArithmeticHook
+from .artefact import PROMPT_SLOT, Adversarial, ArithmeticHook, encode_with_tokens
 from .base import Attack, AttackContext, attack_seed
 
 
@@ -118,7 +119,9 @@ class ConceptArithmetic(Attack):
         prompts = _search_prompts(ctx, cfg.search_prompts)
         seeds = _search_seeds(gen, {it.seed for it in ctx.items}, cfg.search_seeds)
         rows = [(p, s) for p in prompts for s in seeds]
-        cond = ctx.adapter.encode([p for p, _ in rows], unique=False)
+        # through the token path, so the conditioning carries its tokens (SAFREE reads them) and matches the
+        # artefact's replay encoding
+        cond = Encoded.cat([encode_with_tokens(ctx.adapter, [p], {}) for p, _ in rows])
         head = [(PROMPT_SLOT, float(cfg.prompt_weight))]
         trials: list[dict[str, Any]] = []
         tried: set[tuple[tuple[str, float], ...]] = set()
