@@ -19,8 +19,8 @@ from tiny import tiny_sd, tiny_sdxl
 TINY: dict[str, dict] = {
     "textual-inversion": {"steps": 2, "batch_size": 2},
     "unlearndiffatk": {"prefix_k": 2, "timesteps": 2, "iterations": 2},
-    "p4d": {"iterations": 3, "n_tokens": 2, "eval_every": 2},
-    "ring-a-bell": {"population": 8, "generations": 3, "n_tokens": 4},
+    "p4d": {"iterations": 3, "eval_every": 2, "bank": 2, "n_tokens": 2, "skip_pre": False},
+    "ring-a-bell": {"length": 4, "population": 8, "generations": 3},
     "concept-arithmetic": {"trials": 4, "search_prompts": 1, "search_seeds": 1, "max_terms": 2},
 }
 SAMPLING = {"num_inference_steps": 2, "guidance_scale": 2.0}
@@ -75,7 +75,7 @@ def test_attack_runs_against_each_edit_kind_and_replays(name, kind, pipe, tmp_pa
     edit = erasekit.erase(pipe, erasekit.ConceptSpec("star", preserve=("circle",)), method=method, **settings)
     assert edit.kind == {"weight": "weight_delta", "lora": "lora", "hook": "hook"}[kind]
     cls = get_attack(name)
-    overrides = {k: v for k, v in TINY.get(name, {}).items() if k in cls.Config.__dataclass_fields__}
+    overrides = TINY[name]
 
     def run(seed):
         return attack(pipe, "star", cls(**overrides), patch=edit, seeds=[0, 1], sets=("target",), judge=HalfJudge(),

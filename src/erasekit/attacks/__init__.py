@@ -11,10 +11,12 @@ from ..errors import InvalidInputError
 from .artefact import Adversarial
 from .base import Attack, AttackContext, guarded_prediction
 from .concept_arithmetic import ConceptArithmetic
+from .p4d import P4D
+from .ring_a_bell import RingABell
 from .textual_inversion import TextualInversion
 from .unlearndiffatk import UnlearnDiffAtk
 
-_ALL: list[type[Attack]] = [TextualInversion, ConceptArithmetic, UnlearnDiffAtk]
+_ALL: list[type[Attack]] = [TextualInversion, UnlearnDiffAtk, P4D, RingABell, ConceptArithmetic]
 
 REGISTRY: dict[str, type[Attack]] = {}
 for _a in _ALL:
