@@ -157,3 +157,20 @@ def test_unknown_attack_and_sets_are_one_line(world_pipe):
         attack(world_pipe, "star", "textual-inversion", seeds=[0], sets=("neighbours",))
     with pytest.raises(InvalidInputError, match="steps must be at least 1"):
         TextualInversion(steps=0)
+
+
+def test_concept_arithmetic_composes_over_a_guard_that_asks_for_other_conditioning(world_pipe):
+    """An outer hook that asks for other conditioning (concept arithmetic's terms) reaches an inner hook
+    that asks for its own (SAFREE's projected conditioning) by the keywords every hook uses."""
+    from erasekit.attacks.artefact import ArithmeticHook
+
+    adapter = get_adapter(world_pipe)
+    safree = get_method("safree")().fit(adapter, [erasekit.ConceptSpec("star")])
+    with safree.scoped(world_pipe), torch.no_grad():
+        cond = encode_with_tokens(adapter, ["a red star"], {})
+        plain = adapter.sample(cond, [torch.Generator().manual_seed(0)], 3, 2.0)
+        same = adapter.sample(cond, [torch.Generator().manual_seed(0)], 3, 2.0, hooks=[ArithmeticHook([("{prompt}", 1.0)])])
+        more = adapter.sample(cond, [torch.Generator().manual_seed(0)], 3, 2.0,
+                              hooks=[ArithmeticHook([("{prompt}", 1.0), ("a photo of a pentagram", 2.0)])])
+    assert np.allclose(plain, same, atol=1e-5)
+    assert not np.allclose(plain, more, atol=1e-3)

@@ -168,8 +168,8 @@ def _wrap(hook: Hook, step: StepContext, inner: Callable[..., torch.Tensor]) -> 
             return hook.noise(step, inner)
         ctx = dataclasses.replace(step, cond=step.cond if cond is None else cond,
                                   uncond=step.uncond if uncond is None else uncond)
-        def rebound(c: Encoded | None = None, u: Encoded | None = None) -> torch.Tensor:
-            return inner(ctx.cond if c is None else c, ctx.uncond if u is None else u)
+        def rebound(cond: Encoded | None = None, uncond: Encoded | None = None) -> torch.Tensor:
+            return inner(ctx.cond if cond is None else cond, ctx.uncond if uncond is None else uncond)
 
         rebound._erasekit_plain = is_model_prediction(inner)  # type: ignore[attr-defined]
         return hook.noise(ctx, rebound)

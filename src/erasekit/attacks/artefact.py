@@ -216,8 +216,8 @@ class ArithmeticHook(Hook):
         if uncond is None:
             raise InvalidInputError("concept arithmetic composes classifier-free guidance; sample with guidance > 1")
         others = [p for p, _ in self.terms if p != PROMPT_SLOT]
-        if others:
-            enc = ctx.adapter.encode(others)
+        if others:  # through the token path: a guard that reads tokens (SAFREE) guards each term as a prompt
+            enc = encode_with_tokens(ctx.adapter, others, {})
             self.encoded = {p: enc.index([i] * len(cond)) for i, p in enumerate(others)}
         return cond, uncond
 

@@ -263,66 +263,95 @@ class SafreeHook(Hook):
         self.steps: torch.Tensor | None = None  # (N,) t' per row
         self.info: list[Projected] = []
         self._lra_rows: tuple[slice, slice] | None = None
+        #: other conditioning outer hooks asked for, by id: (original, projected, SVF steps)
+        self.others: dict[int, tuple[Encoded, Encoded, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ conditioning
     def embeddings(self, ctx: SampleContext, cond: Encoded, uncond: Encoded | None) -> tuple[Encoded, Encoded | None]:
         if ctx.prompts is None and cond.inputs is None:
             raise InvalidInputError("safree finds trigger tokens from the prompt's tokens; generate from prompts, "
                                     "or from embeddings made by encode_embeddings (they carry their tokens)")
-        adapter = ctx.adapter
-        if self.p_toxic.shape[0] != cond.embeds.shape[-1]:
-            raise InvalidInputError(f"this safree edit's subspace has width {self.p_toxic.shape[0]} but the pipeline's "
-                                    f"text conditioning has width {cond.embeds.shape[-1]}; fit it on this model")
-        p_toxic = self.p_toxic.to(adapter.device)
-        cache: dict[tuple[str, int], torch.Tensor] = {}
-        rows, self.info = [], []
-        for i in range(len(cond)):
-            length = int(cond.lengths[i])
-            if ctx.prompts is not None:
-                prompt = ctx.prompts[i]
-                if (prompt, length) not in cache:
-                    cache[(prompt, length)] = masked_pooled(adapter, prompt, length)
-                masked = cache[(prompt, length)]
-            else:  # adversarial token vectors: mask the rows the text encoders read
-                masked = masked_pooled_inputs(adapter, [(e[i], ids[i]) for e, ids in cond.inputs], length)  # type: ignore[union-attr]
-            res = safree_rows(cond.embeds[i], length, masked, p_toxic, self.cfg)
-            self.info.append(res)
-            rows.append(res.rows)
         self.original = cond
-        self.projected = Encoded(torch.stack(rows), cond.lengths, cond.pooled)
-        self.steps = torch.tensor([r.steps for r in self.info])
+        self.projected, self.steps, self.info = self._project(ctx.adapter, cond, ctx.prompts)
+        adapter = ctx.adapter
         if uncond is not None and self.cfg.negative_prompt:
             uncond = adapter.encode([self.negative]).index([0] * len(cond))
         if self.cfg.svf or self.cfg.lra:
             return cond, uncond  # the noise hook picks the conditioning per step
         return self.projected, uncond
 
-    def guarded(self, index: int) -> Encoded | None:
-        """The conditioning SAFREE guides with at step ``index`` (None: the original, nothing to do)."""
-        assert self.original is not None and self.projected is not None and self.steps is not None
+    def _project(self, adapter: Any, cond: Encoded, prompts: list[str] | None
+                 ) -> tuple[Encoded, torch.Tensor, list[Projected]]:
+        """The projected conditioning of ``cond`` (read from ``prompts``, or from the tokens it carries), the
+        SVF step t' per row and each row's record."""
+        if self.p_toxic.shape[0] != cond.embeds.shape[-1]:
+            raise InvalidInputError(f"this safree edit's subspace has width {self.p_toxic.shape[0]} but the pipeline's "
+                                    f"text conditioning has width {cond.embeds.shape[-1]}; fit it on this model")
+        p_toxic = self.p_toxic.to(adapter.device)
+        cache: dict[tuple[str, int], torch.Tensor] = {}
+        rows, info = [], []
+        for i in range(len(cond)):
+            length = int(cond.lengths[i])
+            if prompts is not None:
+                prompt = prompts[i]
+                if (prompt, length) not in cache:
+                    cache[(prompt, length)] = masked_pooled(adapter, prompt, length)
+                masked = cache[(prompt, length)]
+            else:  # adversarial token vectors: mask the rows the text encoders read
+                masked = masked_pooled_inputs(adapter, [(e[i], ids[i]) for e, ids in cond.inputs], length)  # type: ignore[union-attr]
+            res = safree_rows(cond.embeds[i], length, masked, p_toxic, self.cfg)
+            info.append(res)
+            rows.append(res.rows)
+        return Encoded(torch.stack(rows), cond.lengths, cond.pooled), torch.tensor([r.steps for r in info]), info
+
+    def guarded(self, index: int, original: Encoded | None = None, projected: Encoded | None = None,
+                steps: torch.Tensor | None = None) -> Encoded | None:
+        """The conditioning SAFREE guides with at step ``index`` (None: the original, nothing to do); of the
+        sampled prompts, or of ``original`` with its ``projected`` conditioning and SVF ``steps``."""
+        original = self.original if original is None else original
+        projected = self.projected if projected is None else projected
+        steps = self.steps if steps is None else steps
+        assert original is not None and projected is not None and steps is not None
         if not self.cfg.svf:
-            return self.projected
-        use = (index <= self.steps).to(self.original.embeds.device)
+            return projected
+        use = (index <= steps).to(original.embeds.device)
         if not bool(use.any()):
             return None
-        embeds = torch.where(use[:, None, None], self.projected.embeds, self.original.embeds)
-        return Encoded(embeds, self.original.lengths, self.original.pooled)
+        embeds = torch.where(use[:, None, None], projected.embeds, original.embeds)
+        return Encoded(embeds, original.lengths, original.pooled)
+
+    def _foreign(self, adapter: Any, cond: Encoded) -> tuple[Encoded, Encoded, torch.Tensor]:
+        """Other conditioning an outer hook asks for (concept arithmetic's terms): guarded as a prompt is,
+        from the tokens it carries; projected once per sampling call."""
+        key = id(cond)
+        if key not in self.others:
+            projected, steps, _ = self._project(adapter, cond, None)
+            self.others[key] = (cond, projected, steps)
+        return self.others[key]
 
     # ------------------------------------------------------------------ denoising
     def noise(self, ctx: StepContext, predict: Callable[..., torch.Tensor]) -> torch.Tensor:
-        if not (self.cfg.svf or self.cfg.lra):
-            return predict()  # the projected conditioning went in through `embeddings`
-        cond = self.guarded(ctx.index)
-        if cond is None and not self.cfg.lra:
+        if ctx.cond is ctx.uncond:  # an outer hook asks for the unconditional prediction: nothing to guard
             return predict()
+        # other conditioning an outer hook asks for (concept arithmetic's terms), with the tokens to guard it by;
+        # conditioning without tokens (a later embedding hook's transform of the prompts) gets the prompts' guard
+        foreign = ctx.cond is not self.original and ctx.cond is not self.projected and ctx.cond.inputs is not None
+        original, projected, steps = self._foreign(ctx.sample.adapter, ctx.cond) if foreign else \
+            (self.original, self.projected, self.steps)
+        if not (self.cfg.svf or self.cfg.lra):
+            # the prompts' projected conditioning went in through `embeddings`; another one is projected here
+            return predict(cond=projected) if foreign else predict()
+        cond = self.guarded(ctx.index, original, projected, steps)
+        if cond is None and not self.cfg.lra:
+            return predict(cond=original) if foreign else predict()
         if cond is None:
-            cond = self.original
+            cond = original
         if not self.cfg.lra:
             return predict(cond=cond)  # inner noise hooks (SLD, say) run on the projected conditioning too
         adapter = ctx.sample.adapter
         x = adapter.pipe.scheduler.scale_model_input(ctx.latents, ctx.t)  # as the loop's own predict
         n = len(cond)
-        parts = ([] if ctx.uncond is None else [ctx.uncond]) + [cond, self.original]
+        parts = ([] if ctx.uncond is None else [ctx.uncond]) + [cond, original]
         off = 0 if ctx.uncond is None else n
         self._lra_rows = (slice(off, off + n), slice(off + n, off + 2 * n))
         try:
