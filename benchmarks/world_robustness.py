@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--no-paraphrase", action="store_true", help="attack and measure templated prompts only")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--no-baseline-attacks", action="store_true",
+                    help="measure the unedited model (for the drops) without attacking it")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
@@ -104,14 +106,15 @@ def main() -> None:
             spec, patch = ConceptSpec(args.concept), None
         else:
             spec, patch = fit(pipe, method, args.concept, axis, settings[method], out / "patches")
-        res = evaluate(pipe, [spec], patch=patch, seeds=seeds, cache=cache, paraphrase=para, attacks=attacks,
-                       attack_seeds=a_seeds).concepts[0]
+        skip = method == "(none)" and args.no_baseline_attacks
+        res = evaluate(pipe, [spec], patch=patch, seeds=seeds, cache=cache, paraphrase=para,
+                       attacks=[] if skip else attacks, attack_seeds=a_seeds).concepts[0]
         fam = res.families()
         kept = {f"{p}{k}": fam[f][k]["value"] for f, p in (("templated", ""), ("paraphrase", "p_")) if f in fam
                 for k in ("neighbours_kept", "unrelated_kept")}
         if base is None:
             base = kept
-        for name in attacks:
+        for name in ([] if skip else attacks):
             r = res.robustness[name]
             a = r["success"]["all"]
             row = {"method": method, "attack": name, "pre": a["pre_attack"]["value"],
