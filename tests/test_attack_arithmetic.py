@@ -15,48 +15,17 @@ from erasekit.attacks.base import AttackContext, Item
 from erasekit.attacks.concept_arithmetic import (ARITHMETIC_WORLD, ConceptArithmetic, ConceptArithmeticConfig,
                                                  _search_prompts)
 from erasekit.errors import InvalidInputError
-from erasekit.evaluation.judges import Judge
 from erasekit.generate import generate
 from erasekit.methods import get_method
-from erasekit.world.vocab import AXES, CONCEPTS, find_axis
-from tiny import tiny_sd, tiny_sdxl
+from erasekit.world.vocab import CONCEPTS
+from tiny import RuleJudge, tiny_sd, tiny_sdxl
 
 #: settings that run concept arithmetic in seconds on a tiny pipeline
 TINY = {"trials": 4, "search_prompts": 1, "search_seeds": 1, "max_terms": 2}
 SAMPLING = {"num_inference_steps": 1, "guidance_scale": 2.0}
 
 
-class StubJudge(Judge):
-    """The world's axes and prompt sets; reads the concept where ``rule(images)`` says so and gives it the
-    probability ``rule`` returns (a fixed verdict instead of a random tiny pipeline's accident)."""
-
-    name = "stub"
-
-    def __init__(self, rule):
-        self.rule = rule
-
-    def axes(self):
-        return {a: list(CONCEPTS[a]) for a in AXES}
-
-    def resolve(self, concept):
-        return find_axis(concept)
-
-    def prompt_sets(self, spec, axis, label, n, *, seed=0, unrelated=None):
-        from erasekit.evaluation.prompts import world_prompt_sets
-
-        return world_prompt_sets(spec, axis, label, n, seed)
-
-    def probs(self, images):
-        prob = torch.as_tensor(np.asarray(self.rule(images), dtype=np.float32))
-        out = {}
-        for axis, labels in self.axes().items():
-            p = torch.zeros(len(images), len(labels))
-            p[:, 0] = 1.0
-            if axis == "shape":
-                k = labels.index("star")
-                p[:, 0], p[:, k] = 1 - prob, prob
-            out[axis] = p
-        return out
+StubJudge = RuleJudge  # reads star with the probability its rule gives
 
 
 def dim(images):

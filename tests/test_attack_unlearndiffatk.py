@@ -15,49 +15,16 @@ from erasekit.attacks.base import AttackContext, Item
 from erasekit.attacks.unlearndiffatk import (UDA_WORLD, UnlearnDiffAtk, UnlearnDiffAtkConfig, prefix_room,
                                              project_simplex, timestep_schedule, vocabulary)
 from erasekit.errors import InvalidInputError
-from erasekit.evaluation.judges import Judge
 from erasekit.generate import generate
 from erasekit.methods import get_method
-from erasekit.world.vocab import AXES, CONCEPTS, find_axis
-from tiny import tiny_sd, tiny_sdxl
+from tiny import RuleJudge, tiny_sd, tiny_sdxl
 
 #: settings that run UnlearnDiffAtk in seconds on a tiny pipeline
 TINY = {"prefix_k": 2, "timesteps": 2, "iterations": 2}
 SAMPLING = {"num_inference_steps": 1, "guidance_scale": 2.0}
 
 
-class StubJudge(Judge):
-    """The world's axes and prompt sets, with a fixed reading: ``rule(images) -> bool per image`` says
-    whether the image shows the concept (the world classifier's verdict on a random tiny pipeline
-    would be an accident of its weights)."""
-
-    name = "stub"
-
-    def __init__(self, rule):
-        self.rule = rule
-
-    def axes(self):
-        return {a: list(CONCEPTS[a]) for a in AXES}
-
-    def resolve(self, concept):
-        return find_axis(concept)
-
-    def prompt_sets(self, spec, axis, label, n, *, seed=0, unrelated=None):
-        from erasekit.evaluation.prompts import world_prompt_sets
-
-        return world_prompt_sets(spec, axis, label, n, seed)
-
-    def probs(self, images):
-        hit = torch.as_tensor(np.asarray(self.rule(images), dtype=bool))
-        out = {}
-        for axis, labels in self.axes().items():
-            p = torch.zeros(len(images), len(labels))
-            p[:, 0] = 1.0
-            if axis == "shape":
-                k = labels.index("star")
-                p[hit, 0], p[hit, k] = 0.0, 1.0
-            out[axis] = p
-        return out
+StubJudge = RuleJudge  # reads star where its rule says so
 
 
 def never(images):

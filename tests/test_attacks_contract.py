@@ -10,10 +10,8 @@ import erasekit
 from erasekit.adapters import get_adapter
 from erasekit.attacks import REGISTRY, Adversarial, attack, get_attack
 from erasekit.edits import applied
-from erasekit.evaluation.judges import Judge
 from erasekit.generate import generate
-from erasekit.world.vocab import AXES, CONCEPTS, find_axis
-from tiny import tiny_sd, tiny_sdxl
+from tiny import RuleJudge, tiny_sd, tiny_sdxl
 
 #: settings that run each attack in seconds on a tiny pipeline (its own tests check the maths)
 TINY: dict[str, dict] = {
@@ -27,36 +25,15 @@ SAMPLING = {"num_inference_steps": 2, "guidance_scale": 2.0}
 EDITS = {"weight": ("uce", {}), "lora": ("uce", {"lora_rank": 4}), "hook": ("negative-prompt", {})}
 
 
-class HalfJudge(Judge):
-    """The world's axes and prompt sets; reads the concept in the images whose mean brightness is above
-    the batch's median (a fixed, image-dependent verdict: the world classifier's reading of a random
-    tiny pipeline's images would be an accident of its weights)."""
+def _brighter_half(images):
+    """Star in the images whose mean brightness is at least the batch's median (a fixed, image-dependent
+    verdict: the world classifier's reading of a random tiny pipeline's images would be an accident)."""
+    m = images.float().mean(dim=(1, 2, 3))
+    return (m >= m.median()).numpy() if len(m) > 1 else np.ones(1, dtype=bool)
 
-    name = "half"
 
-    def axes(self):
-        return {a: list(CONCEPTS[a]) for a in AXES}
-
-    def resolve(self, concept):
-        return find_axis(concept)
-
-    def prompt_sets(self, spec, axis, label, n, *, seed=0, unrelated=None):
-        from erasekit.evaluation.prompts import world_prompt_sets
-
-        return world_prompt_sets(spec, axis, label, n, seed)
-
-    def probs(self, images):
-        m = images.float().mean(dim=(1, 2, 3))
-        hit = m >= m.median() if len(m) > 1 else torch.ones(1, dtype=torch.bool)
-        out = {}
-        for axis, labels in self.axes().items():
-            p = torch.zeros(len(images), len(labels))
-            p[:, 0] = 1.0
-            if axis == "shape":
-                k = labels.index("star")
-                p[hit, 0], p[hit, k] = 0.0, 1.0
-            out[axis] = p
-        return out
+def HalfJudge():  # noqa: N802 - reads as the judge it makes
+    return RuleJudge(_brighter_half)
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from erasekit.evaluation.judges import Judge
 from erasekit.world.tokenizer import make_tokenizer
+from erasekit.world.vocab import AXES, CONCEPTS, find_axis
 
 
 def _vae() -> AutoencoderKL:
@@ -66,3 +70,38 @@ def tiny_sdxl(tok_dir: Path, seed: int = 0) -> StableDiffusionXLPipeline:
                                      unet=unet, scheduler=EulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+
+class RuleJudge(Judge):
+    """A judge with the world's axes and prompt sets whose reading of star is ``rule(images)``: a bool or a
+    probability per image (a fixed verdict for tests on random tiny pipelines, whose images the world
+    classifier would read by accident of their weights)."""
+
+    name, version = "rule", "test"
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def axes(self):
+        return {a: list(CONCEPTS[a]) for a in AXES}
+
+    def resolve(self, concept):
+        return find_axis(concept)
+
+    def prompt_sets(self, spec, axis, label, n, *, seed=0, unrelated=None):
+        from erasekit.evaluation.prompts import world_prompt_sets
+
+        return world_prompt_sets(spec, axis, label, n, seed)
+
+    def probs(self, images):
+        prob = torch.as_tensor(np.asarray(self.rule(images), dtype=np.float32))
+        out = {}
+        for axis, labels in self.axes().items():
+            p = torch.zeros(len(images), len(labels))
+            p[:, 0] = 1.0
+            if axis == "shape":
+                k = labels.index("star")
+                p[:, 0], p[:, k] = 1 - prob, prob
+            out[axis] = p
+        return out
