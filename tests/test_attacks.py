@@ -174,3 +174,17 @@ def test_concept_arithmetic_composes_over_a_guard_that_asks_for_other_conditioni
                               hooks=[ArithmeticHook([("{prompt}", 1.0), ("a photo of a pentagram", 2.0)])])
     assert np.allclose(plain, same, atol=1e-5)
     assert not np.allclose(plain, more, atol=1e-3)
+
+
+def test_concept_steerers_steers_embeddings_that_carry_their_tokens_as_it_steers_prompts(tiny):
+    pipe = tiny["sd"]
+    adapter = get_adapter(pipe)
+    edit = erasekit.erase(pipe, "star", method="concept-steerers", sae_latents=64, sae_k=4, sae_steps=30)
+    prompt = ["a photo of a star"]
+    with edit.scoped(pipe), torch.no_grad():
+        a = adapter.sample(prompt, [torch.Generator().manual_seed(0)], 2, 5.0)
+        b = adapter.sample(encode_with_tokens(adapter, prompt, {}), [torch.Generator().manual_seed(0)], 2, 5.0)
+    with torch.no_grad():
+        plain = adapter.sample(prompt, [torch.Generator().manual_seed(0)], 2, 5.0)
+    assert np.allclose(a, b, atol=1e-4)
+    assert not np.allclose(a, plain, atol=1e-4)

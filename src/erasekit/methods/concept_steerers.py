@@ -165,15 +165,25 @@ class SteerHook(Hook):
         self.site, self.vec = site, vec
 
     def embeddings(self, ctx: SampleContext, cond: Encoded, uncond: Encoded | None) -> tuple[Encoded, Encoded | None]:
-        if ctx.prompts is None:
-            raise InvalidInputError("concept-steerers re-encodes the prompt text with its steering vector; generate "
-                                    "from prompts, not from prompt embeddings")
+        if ctx.prompts is None and cond.inputs is None:
+            raise InvalidInputError("concept-steerers re-encodes the prompt's tokens with its steering vector; generate "
+                                    "from prompts, or from embeddings made by encode_embeddings (they carry their tokens)")
         adapter, n = ctx.adapter, len(cond)
         with torch.no_grad():
-            with steered(adapter, self.site, -self.vec):
-                cond_s = adapter.encode(list(ctx.prompts), unique=False)
-            plain = adapter.encode(list(ctx.prompts), unique=False)
-            cond = cond_s if _same(cond, plain) else _plus(cond, cond_s, plain)
+            if ctx.prompts is not None:
+                with steered(adapter, self.site, -self.vec):
+                    cond_s = adapter.encode(list(ctx.prompts), unique=False)
+                plain = adapter.encode(list(ctx.prompts), unique=False)
+                cond = cond_s if _same(cond, plain) else _plus(cond, cond_s, plain)
+            else:  # an attack's token vectors: re-encode what the text encoders read; the difference is added to
+                # the conditioning, so an attack's gradient still reaches its vectors
+                embeds, ids = [e.detach() for e, _ in cond.inputs], [i for _, i in cond.inputs]  # type: ignore[union-attr]
+                with steered(adapter, self.site, -self.vec):
+                    cond_s = adapter.encode_embeddings(embeds, ids)
+                plain = adapter.encode_embeddings(embeds, ids)
+        if ctx.prompts is None:
+            cond = _plus(cond, cond_s, plain)
+        with torch.no_grad():
             if uncond is None:
                 return cond, None
             empty = adapter.encode([""] * n, unique=False)
