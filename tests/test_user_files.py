@@ -167,13 +167,23 @@ def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_p
     erasekit.erase(erasekit.load_pipeline(device="cpu"), "star", method="uce").save(tmp_path / "edit")
     cmd = [sys.executable, "-c", "from erasekit.cli import main; main()", "export", "--patch", str(tmp_path / "edit"),
            "-o", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.*.tmp")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "export finished before it could be interrupted"
-    os.kill(proc.pid, getattr(signal, signal_name))
-    proc.wait(timeout=60)
+    import shutil
+
+    for _ in range(3):  # the signal can land after the final rename: then the output is whole; try again
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".out.*.tmp")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "export finished before it could be interrupted"
+        os.kill(proc.pid, getattr(signal, signal_name))
+        proc.wait(timeout=60)
+        if not (tmp_path / "out").exists():
+            break
+        # the interrupt came after the output was in place: it must be whole, and nothing was tested
+        assert (tmp_path / "out" / "model_index.json").is_file() and not list(tmp_path.glob(".out.*.tmp"))
+        shutil.rmtree(tmp_path / "out")
+    else:
+        pytest.skip("the export finished before the signal landed three times")
     assert not (tmp_path / "out").exists()
     if signal_name == "SIGINT":
         assert not list(tmp_path.glob(".out.*"))
