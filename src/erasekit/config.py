@@ -96,3 +96,17 @@ def apply_overrides(cfg: T, pairs: list[str]) -> T:
     out = dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
     check_config(out)
     return out
+
+
+def configure(owner: str, default: Any, config: Any = None, overrides: dict[str, Any] | None = None) -> Any:
+    """``config`` (or ``default``) with keyword ``overrides`` applied, checked: what a method or an attack
+    named ``owner`` is built with. Unknown keys are a one-line error naming the known ones."""
+    cfg = config if config is not None else default
+    if overrides:
+        known = {f.name for f in dataclasses.fields(cfg)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise InvalidInputError(f"{owner} has no setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        cfg = dataclasses.replace(cfg, **overrides)
+    check_config(cfg)
+    return cfg

@@ -10,7 +10,6 @@ bypassed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from ..adapters import Encoded
 from ..adapters.sampling import SampleContext, StepContext, _wrap, module_hooks, stacked_hooks
 from ..concepts import ConceptSpec
-from ..config import check_config
+from ..config import configure
 from ..errors import InvalidInputError
 from .artefact import Adversarial
 
@@ -213,14 +212,7 @@ class Attack:
     iteration_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
-        cfg = config if config is not None else self.Config()
-        if overrides:
-            known = {f.name for f in dataclasses.fields(cfg)}
-            unknown = set(overrides) - known
-            if unknown:
-                raise InvalidInputError(f"{self.name} has no setting(s) {sorted(unknown)}; known: {sorted(known)}")
-            cfg = dataclasses.replace(cfg, **overrides)
-        check_config(cfg)
+        cfg = configure(self.name, self.Config() if config is None else None, config, overrides)
         for f in self.iteration_fields:
             if getattr(cfg, f) < 1:
                 raise InvalidInputError(f"{self.name}: {f} must be at least 1 (got {getattr(cfg, f)})")

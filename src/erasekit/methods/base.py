@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from ..concepts import ConceptSpec
-from ..config import check_config
+from ..config import configure
 from ..edits import Edit
 from ..errors import InvalidInputError
 
@@ -26,14 +26,7 @@ class Method:
     Config: ClassVar[type]
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
-        cfg = config if config is not None else self.Config()
-        if overrides:
-            known = {f.name for f in dataclasses.fields(cfg)}
-            unknown = set(overrides) - known
-            if unknown:
-                raise InvalidInputError(f"{self.name} has no setting(s) {sorted(unknown)}; known: {sorted(known)}")
-            cfg = dataclasses.replace(cfg, **overrides)
-        check_config(cfg)
+        cfg = configure(self.name, self.Config() if config is None else None, config, overrides)
         self.config = cfg
 
     def fit(self, adapter: Any, concepts: list[ConceptSpec]) -> Edit:  # pragma: no cover - abstract
