@@ -13,11 +13,17 @@ guidance, batch, learning rate and device; what differs is engineering only:
   makes there anyway (one fewer UNet call per step);
 - ``erasekit prefetch=P``: also samples P steps' trajectories as one batch, rows leaving the batch at
   their stopping step (same draws, fewer and larger UNet calls).
+- ``erasekit prefetch=P,reuse=R`` (``trajectory_reuse``): one trajectory serves R consecutive steps, each
+  taking x_t at its own stopping step. This changes what is sampled (the R steps' x_t are correlated;
+  each keeps its distribution), so it is not engineering alone: the world erasure table with and
+  without it (``benchmarks/world_erasure.py --methods esd --set esd.trajectory_reuse=R``) says whether
+  erasure is any worse. Its stopping steps are the same draws; its trajectories are those of each
+  group's first step.
 
 Memory: each variant runs in a fresh subprocess; on CPU the figure is the process's peak RSS (the
 loaded pipeline included, identical for all), on CUDA torch's peak allocation.
 
-    python benchmarks/esd_speed.py [--steps 32] [--ddim-steps 50] [--prefetch 8,16] [--device cpu]
+    python benchmarks/esd_speed.py [--steps 32] [--ddim-steps 50] [--variants "prefetch=8 prefetch=16"] [--device cpu]
     python benchmarks/esd_speed.py --sd15 --sd15-size 512 --device cuda   # an SD1.5-sized random pipeline
 """
 
@@ -119,7 +125,7 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
             e_c = base(x, t, encoder_hidden_states=erase).sample
             e_n = base(x, t, encoder_hidden_states=null).sample
         pred = esd(x, t, encoder_hidden_states=erase).sample
-        loss = torch.nn.functional.mse_loss(pred, e_c - eta * (e_c - e_n))
+        loss = torch.nn.functional.mse_loss(pred, e_n - eta * (e_c - e_n))  # the official target
         loss.backward()
         opt.step()
     if device.type == "cuda":
@@ -127,7 +133,8 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
     return time.perf_counter() - t0
 
 
-def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int) -> float:
+def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int,
+         reuse: int = 1) -> float:
     import torch
 
     from erasekit.adapters import get_adapter
@@ -135,7 +142,7 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
     from erasekit.methods import ESD
 
     m = ESD(steps=steps, lr=lr, negative_guidance=eta, ddim_steps=ddim, sample_guidance=guidance, prefetch=prefetch,
-            params="x")
+            trajectory_reuse=reuse, params="x")
     t0 = time.perf_counter()
     m.fit(get_adapter(pipe), [ConceptSpec(concept)], progress=False)
     if pipe.unet.device.type == "cuda":
@@ -156,7 +163,8 @@ def child(args: argparse.Namespace) -> None:
     if args.variant == "reference":
         secs = reference(pipe, **common, till=stops(0, args.steps, args.ddim_steps))
     else:
-        secs = ours(pipe, **common, prefetch=int(args.variant.split("=")[1]))
+        kv = dict(part.split("=") for part in args.variant.split(","))
+        secs = ours(pipe, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0}))
@@ -169,7 +177,9 @@ def main() -> None:
     ap.add_argument("--sd15-size", type=int, default=512, help="image size of the SD1.5-sized pipeline")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ddim-steps", type=int, default=50)
-    ap.add_argument("--prefetch", default="8,16", help="comma-separated prefetch sizes to run besides 1")
+    ap.add_argument("--variants", default="prefetch=8 prefetch=16 prefetch=4,reuse=2 prefetch=8,reuse=2 "
+                    "prefetch=4,reuse=4", help="erasekit variants to run besides prefetch=1, space-separated "
+                    "(prefetch=P[,reuse=R])")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--concept", default="star")
     ap.add_argument("--device", default="cpu")
@@ -182,7 +192,7 @@ def main() -> None:
         args.model = "sd15"
     if args.variant:
         return child(args)
-    variants = ["reference", "prefetch=1"] + [f"prefetch={p}" for p in args.prefetch.split(",") if p.strip()]
+    variants = ["reference", "prefetch=1"] + [v for v in args.variants.split() if v != "prefetch=1"]
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for v in variants:
@@ -200,10 +210,10 @@ def main() -> None:
           f"guidance 3, batch 1; fastest of {args.repeats} interleaved runs each")
     till = stops(0, args.steps, args.ddim_steps)
     print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")
-    print(f"{'variant':<14} {'steps/s':>8} {'x ref':>6} {unit:>14} {'loaded MB':>10}")
+    print(f"{'variant':<20} {'steps/s':>8} {'x ref':>6} {unit:>14} {'loaded MB':>10}")
     for r in rows:
         sps = args.steps / r["secs"]
-        print(f"{r['variant']:<14} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {r['peak_mb']:14.0f} "
+        print(f"{r['variant']:<20} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {r['peak_mb']:14.0f} "
               f"{r['loaded_rss_mb']:10.0f}")
 
 

@@ -172,11 +172,63 @@ def test_bad_concepts_are_one_line(sd):
         ConceptSpec("star", anchor="star")
 
 
+def _esd_rows(sd, chunk: int = 0, **kw):
+    """The x_t, timesteps and frozen predictions ESD draws for one chunk of steps."""
+    a = get_adapter(sd)
+    m = ESD(**dict(FAST, steps=8, ddim_steps=6, **kw))
+    tr = Trainable(sd, select_params(a, "x"), rank=0, seed=0)
+    try:
+        state = m.prepare(a, [ConceptSpec("star")], tr)
+        return m._draw(a, state, tr, chunk)
+    finally:
+        tr.close()
+
+
+def test_esd_batching_changes_no_draw(sd):
+    """prefetch (how many trajectories run as one batch) changes what is computed together, not what is
+    drawn: the same steps get the same x_t and the same frozen predictions."""
+    one = [_esd_rows(sd, chunk=c, prefetch=1) for c in range(4)]
+    four = _esd_rows(sd, prefetch=4)
+    for field_ in ("x", "f_uncond", "f_concept"):
+        assert torch.allclose(torch.cat([getattr(r, field_) for r in one]), getattr(four, field_), atol=1e-3, rtol=1e-3)
+    assert torch.equal(torch.cat([r.t for r in one]), four.t)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkeypatch, batch):
+    """With trajectory_reuse=2, step 1 takes x_t from step 0's trajectory (its prompt and noise) at step 1's
+    own stopping step: what a fresh trajectory from step 0's draws, stopped at step 1's stop, gives."""
+    import erasekit.methods.esd as esd_mod
+
+    shared = _esd_rows(sd, prefetch=2, trajectory_reuse=2, batch_size=batch)  # steps 0-3: trajectories of 0 and 2
+    fresh = _esd_rows(sd, prefetch=4, batch_size=batch)
+    real = esd_mod.draw_example
+    draws = [real(0, s, batch, 1, 6, tuple(fresh.x.shape[1:])) for s in range(4)]
+    assert not torch.equal(draws[0][1], draws[1][1]), "pick a seed whose steps 0 and 1 stop apart"
+
+    def grouped(seed, step, batch, n_prompts, ddim_steps, shape):
+        p, s, z = real(seed, step, batch, n_prompts, ddim_steps, shape)
+        lead = real(seed, step - step % 2, batch, n_prompts, ddim_steps, shape)
+        return lead[0], s, lead[2]
+
+    monkeypatch.setattr(esd_mod, "draw_example", grouped)
+    expected = _esd_rows(sd, prefetch=4, batch_size=batch)
+    for field_ in ("x", "f_uncond", "f_concept"):
+        assert torch.allclose(getattr(shared, field_), getattr(expected, field_), atol=1e-3, rtol=1e-3), field_
+    assert torch.equal(shared.t, fresh.t)  # every step keeps its own stopping step
+    first = slice(0, batch)  # a group's first step is untouched; its second reads another trajectory
+    assert torch.allclose(shared.x[first], fresh.x[first], atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(shared.x[batch:2 * batch], fresh.x[batch:2 * batch], atol=1e-2)
+    with pytest.raises(InvalidInputError, match="trajectory_reuse"):
+        ESD(**FAST, trajectory_reuse=2, xt_from="trained").fit(get_adapter(sd), [ConceptSpec("star")],
+                                                               progress=False)
+
+
 def test_esd_options_run(sd):
     """erase_from, CompVis sampling with the trained model, and mixed precision take their own paths."""
     a = get_adapter(sd)
     for kw in (dict(erase_from="a heart"), dict(xt_from="trained"), dict(mixed_precision="bf16"),
-               dict(params="u", rank=1), dict(gradient_checkpointing=True)):
+               dict(params="u", rank=1), dict(gradient_checkpointing=True), dict(trajectory_reuse=3, batch_size=2)):
         e = ESD(**dict(FAST, steps=2), **kw).fit(a, [ConceptSpec("star")], progress=False)
         assert e.tensors() and all(torch.isfinite(t).all() for t in e.tensors().values()), kw
     assert get_method("esd") is ESD

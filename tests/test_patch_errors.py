@@ -92,6 +92,21 @@ def test_sdxl_patch_on_sd_pipeline(sd, tmp_path):
         patch.apply(sd, force=True)
 
 
+def test_guard_fitted_on_another_model_or_family(sd, tmp_path):
+    """SAFREE's edit carries the concept's embeddings of the model it was fitted on: on an SDXL pipeline's
+    edit, or another SD model's, it is refused in one line (a prompt-only guard stays portable)."""
+    xl = tiny_sdxl(tmp_path / "tok4")
+    with pytest.raises(PatchError, match="sdxl pipeline but the pipeline is sd"):
+        erasekit.erase(xl, "star", method="safree").apply(sd)
+    other = tiny_sd(tmp_path / "tok5", seed=1)
+    guard = erasekit.erase(other, "star", method="safree")
+    with pytest.raises(PatchError, match="made for model"):
+        guard.apply(sd)
+    guard.apply(sd, force=True)
+    guard.revert(sd)
+    erasekit.erase(other, "star", method="negative-prompt").apply(sd).revert(sd)
+
+
 def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(sd, tmp_path):
     patch = erasekit.erase(sd, "star", method="uce")
     (tmp_path / "p").mkdir()

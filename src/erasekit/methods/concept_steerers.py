@@ -259,6 +259,7 @@ class ConceptSteerers(Method):
         summary = {k: record[k] for k in ("fve", "dead_fraction", "l0", "steps", "tokens") if record and k in record}
         return HookEdit({"direction": vec.contiguous()}, {
             "method": self.name, "config": config_dict(cfg), "concepts": [c.to_dict() for c in concepts],
+            "family": adapter.family, "base_fingerprint": adapter.fingerprint(),  # its tensors are this model's
             "hook": {"site": module, "steering_prompts": steer, "sae_digest": sae.digest(), "sae_source": source,
                      "sae_config": sae.config(), "sae_record": summary},
             "direction_norm": float(vec.norm()), "erasekit_version": __version__,

@@ -27,6 +27,13 @@ the frozen model (rows leave the batch at their stopping step; every draw depend
 the step only, so ``prefetch`` changes what is computed together, not what is drawn), and the frozen predictions the loss
 needs at x_t are the two halves of the classifier-free-guidance call the trajectory makes there
 anyway, so they cost nothing extra. ``prefetch=1`` samples step by step.
+
+Less sampling (changes what is drawn; off by default): with ``trajectory_reuse=r`` the official codes'
+one trajectory per step becomes one per r consecutive steps: the steps of a group share the first
+step's prompt and initial noise, and each takes x_t at its own stopping step, so every x_t keeps its
+distribution but the group's x_t are correlated. A trajectory then costs its longest stop once
+instead of r stops (E[max of r] of the r draws). ``benchmarks/esd_speed.py`` times it and
+``benchmarks/world_erasure.py --set esd.trajectory_reuse=R`` measures what it does to the erasure.
 """
 
 from __future__ import annotations
@@ -66,8 +73,12 @@ class ESDConfig(TrainingConfig):
     xt_from: str = field(default="frozen", metadata={
         "help": "which model samples x_t: frozen (diffusers) or trained (CompVis)", "choices": ("frozen", "trained")})
     prefetch: int = field(default=8, metadata={
-        "help": "steps whose x_t are sampled together in one batch (frozen sampling only; 1 = step by step)",
+        "help": "trajectories sampled together in one batch (frozen sampling only; 1 = step by step)",
         "min": 1, "max": 256})
+    trajectory_reuse: int = field(default=1, metadata={
+        "help": "optimisation steps that take their x_t from one trajectory, each at its own stopping step "
+                "(frozen sampling only; 1 = a fresh trajectory per step, as the official codes)",
+        "min": 1, "max": 64})
     templates: tuple[str, ...] = field(default=("{}",), metadata={
         "help": "prompt templates the concept is put into ({} = phrase); one is drawn per example",
         "min_items": 1, "each_contains": "{}"})
@@ -112,6 +123,9 @@ class ESD(FineTuneMethod):
 
     def check(self, concepts: list[ConceptSpec]) -> None:
         cfg: ESDConfig = self.config
+        if cfg.trajectory_reuse > 1 and cfg.xt_from == "trained":
+            raise InvalidInputError("trajectory_reuse needs xt_from=frozen (the trained model's trajectories change "
+                                    "every step); set trajectory_reuse=1 or xt_from=frozen")
         for c in concepts:
             if c.anchor:
                 raise InvalidInputError(f"ESD erases towards negative guidance, not an anchor (concept {c.target!r} "
@@ -150,43 +164,53 @@ class ESD(FineTuneMethod):
     # ------------------------------------------------------------------ data
     def _chunk_size(self) -> int:
         cfg: ESDConfig = self.config
-        return 1 if cfg.xt_from == "trained" else cfg.prefetch
+        return 1 if cfg.xt_from == "trained" else cfg.prefetch * cfg.trajectory_reuse
 
     def _draw(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
         """Sample the x_t of every example of ``chunk`` (seeded by the seed and the chunk alone)."""
         cfg: ESDConfig = self.config
         size, b = self._chunk_size(), cfg.batch_size
+        reuse = cfg.trajectory_reuse if cfg.xt_from == "frozen" else 1
         n = size * b
         prompt, stop, noise = [], [], []
         for step in range(chunk * size, (chunk + 1) * size):  # each step's draws depend on the seed and step only
             p, s_, z = draw_example(cfg.seed, step, b, len(state["prompts"]), cfg.ddim_steps, state["shape"])
+            if step % reuse:  # a later step of a group: the group's first step's prompt and noise, its own stop
+                p, z = prompt[-1], noise[-1]
             prompt.append(p)
             stop.append(s_)
             noise.append(z)
+        lead = torch.arange(0, size, reuse)  # the steps whose trajectories are sampled
+        # row i of the chunk (step i // b, example i % b) reads trajectory row (i // b // reuse) * b + i % b
+        traj = (torch.arange(n) // b // reuse) * b + torch.arange(n) % b
         prompt, stop = torch.cat(prompt), torch.cat(stop)
-        x = torch.cat(noise).to(adapter.device, adapter.pipe.unet.dtype)
+        t_prompt = torch.cat([prompt[int(s) * b:(int(s) + 1) * b] for s in lead])
+        last = stop.view(-1, reuse, b).amax(1).flatten()  # each trajectory runs to its group's last stop
+        x = torch.cat([noise[int(s)] for s in lead]).to(adapter.device, adapter.pipe.unet.dtype)
         sched = state["sched"]
         x = x * sched.init_noise_sigma
         src: Encoded = state["enc_src"]
-        out_x = torch.empty_like(x)
-        out_u, out_c = torch.empty_like(x), torch.empty_like(x)
+        out_x = x.new_empty((n, *x.shape[1:]))
+        out_u, out_c = torch.empty_like(out_x), torch.empty_like(out_x)
         frozen_sampler = cfg.xt_from == "frozen"
-        active = torch.arange(n)
+        active = torch.arange(len(x))  # trajectory rows still running
         with torch.no_grad():
             for k in range(int(stop.max()) + 1):
                 t = sched.timesteps[k]
                 xa = sched.scale_model_input(x[active], t)
-                cond = src.index(prompt[active].tolist())
+                cond = src.index(t_prompt[active].tolist())
                 unc = repeat_encoded(state["uncond"], len(active))
                 ctx = trainable.frozen() if frozen_sampler else torch.no_grad()
                 with ctx:
                     both = adapter.predict_noise(torch.cat([xa, xa]), t, Encoded.cat([unc, cond]))
                 u, c = both.to(x.dtype).chunk(2)  # under bf16/fp16 autocast the UNet answers in that dtype
-                done = stop[active] == k
-                if done.any():
-                    idx = active[done]
-                    out_x[idx], out_u[idx], out_c[idx] = x[idx], u[done], c[done]
-                keep = ~done
+                pos = torch.full((len(x),), -1, dtype=torch.long)
+                pos[active] = torch.arange(len(active))
+                rows = (stop == k).nonzero().flatten()  # examples whose x_t is this step's latent
+                if len(rows):
+                    at = pos[traj[rows]]
+                    out_x[rows], out_u[rows], out_c[rows] = x[traj[rows]], u[at], c[at]
+                keep = last[active] > k
                 if not keep.any():
                     break
                 guided = u[keep] + cfg.sample_guidance * (c[keep] - u[keep])

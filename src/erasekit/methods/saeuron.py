@@ -347,6 +347,7 @@ class SAeUron(Method):
         summary = {k: record[k] for k in ("fve", "dead_fraction", "l0", "steps", "tokens") if record and k in record}
         return HookEdit({**sae.cpu().to_tensors(), "mu": mu.contiguous(), "timesteps": timesteps.contiguous()}, {
             "method": self.name, "config": config_dict(cfg), "concepts": [c.to_dict() for c in concepts],
+            "family": adapter.family, "base_fingerprint": adapter.fingerprint(),  # its tensors are this model's
             "hook": {"site": module, "sae_config": sae.config(), "sae_digest": sae.digest(), "sae_source": source,
                      "sae_record": summary, "groups": names, "group_images": sizes, "targets": targets,
                      "steps": steps, "guidance_scale": guidance},

@@ -414,6 +414,7 @@ class SAFREE(Method):
             c = pooled(adapter.encode(words)).detach().to("cpu", torch.float32).contiguous()
         return HookEdit({"concept_embeds": c}, {
             "method": self.name, "config": config_dict(self.config), "concepts": [x.to_dict() for x in concepts],
+            "family": adapter.family, "base_fingerprint": adapter.fingerprint(),  # its tensors are this model's
             "hook": {"keywords": words, "negative_prompt": ", ".join(words)}, "erasekit_version": __version__,
             "wall_time_s": round(time.perf_counter() - t0, 4)})
 

@@ -12,6 +12,15 @@ inference a token is encoded on its own, with the global threshold ``threshold``
 the smallest activation each training batch kept): ``z = pre · [pre > threshold]``. The official
 SAeUron code instead keeps BatchTopK at inference, which makes a token's code depend on the other
 images of the batch (METHODS.md §4.1 [obs]); ours does not.
+
+Why our own and not a library's: sae-lens (6.x) was read first. Its trainer is built around
+language-model hook points and requires transformer-lens, datasets, plotly and nltk; training it on
+arbitrary activation tensors (a UNet block's output per image and step) means working around its
+activation store. dictionary-learning (0.1.0 on PyPI) pins nnsight < 0.4 and pulls in wandb, umap-learn,
+circuitsvis, datasets and plotly, most of it for its activation buffer that reads a language model
+through nnsight, which we would not use. The
+TopK/BatchTopK SAE with AuxK is small (this module) and tested against a synthetic sparse dictionary it
+must recover (tests/test_sae.py); its training loop is ``sae/train.py``.
 """
 
 from __future__ import annotations
