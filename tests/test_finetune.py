@@ -142,6 +142,11 @@ def test_interrupted_run_resumes_to_the_same_edit(sd, tmp_path, monkeypatch):
         ESD(**dict(cfg, lr=2e-3)).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
     with pytest.raises(InvalidInputError, match="concepts differ"):
         ESD(**cfg).fit(a, [ConceptSpec("heart")], checkpoint=ck, resume=True, progress=False)
+    other = tiny_sd(tmp_path / "tok_other", seed=1)
+    with pytest.raises(InvalidInputError, match="another run.*base"):
+        ESD(**cfg).fit(get_adapter(other), [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
+    with pytest.raises(InvalidInputError, match="no checkpoint to resume"):
+        ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "none.checkpoint", resume=True, progress=False)
     got = ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
     assert got.manifest["training"]["resumed_at_step"] == 2
     assert all(torch.equal(ref.tensors()[k], got.tensors()[k]) for k in ref.tensors())
@@ -289,6 +294,10 @@ def test_cli_refusals(model_dir, tmp_path, capsys):
     assert (tmp_path / "o.checkpoint").read_text() == "not ours"
     assert run(["erase", "--method", "uce", "--concept", "star", "--resume", "-o", str(tmp_path / "u")]) != 0
     assert "fine-tuning" in capsys.readouterr().err
+    assert run([*base, "-o", str(tmp_path / "fresh"), "--resume"]) != 0
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fresh").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

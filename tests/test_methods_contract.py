@@ -38,7 +38,11 @@ TINY_OVERRIDES: dict[str, dict] = {
 #: methods that map a concept onto an anchor get one (the others erase towards "")
 ANCHOR = {"ablating-concepts": "square"}
 CASES = [(n, n, TINY_OVERRIDES.get(n, {}), get_method(n).edit_kind) for n in REGISTRY] + \
-    [("uce-lora", "uce", {"lora_rank": 4}, "lora")]
+    [("uce-lora", "uce", {"lora_rank": 4}, "lora"),
+     # LoRAs trained through peft (alpha != rank, so the scale folded into the file is checked too)
+     ("esd-lora", "esd", {**TINY_OVERRIDES["esd"], "rank": 2, "lora_alpha": 4.0}, "lora"),
+     ("esd-u-lora", "esd", {**TINY_OVERRIDES["esd"], "params": "u", "rank": 2}, "lora"),
+     ("fs-te-lora", "fs-te", {**TINY_OVERRIDES["fs-te"], "rank": 2}, "lora")]
 
 # Largest allowed ratio of preserved-prompt change to target change (last subject token rows).
 # RECE erases whole adversarial sequences with a weak preserve term (s_p = 0.1, as published), and
@@ -83,7 +87,7 @@ def images(pipe, prompts=("a photo of a star",)):
 
 
 #: the export path is the same for every method of a kind: it is exercised once per kind
-EXPORTED = {"uce", "uce-lora", "negative-prompt"}
+EXPORTED = {"uce", "uce-lora", "esd-lora", "esd-u-lora", "fs-te-lora", "negative-prompt"}
 
 
 @pytest.mark.parametrize("case, name, overrides, kind", CASES, ids=[c[0] for c in CASES])

@@ -145,6 +145,10 @@ def erase(
         cls = get_method(method)
         world = cls.world_settings(specs) if model in (None, "world") else {}
         cfg = apply_overrides(cls.Config(**world), set_)
+        if resume and not issubclass(cls, FineTuneMethod):
+            raise InvalidInputError(f"--resume continues fine-tuning runs; {cls.name} is {cls.family}: drop --resume")
+        if resume and not Checkpoint(output.with_name(output.name + ".checkpoint")).exists():
+            raise InvalidInputError(f"there is no checkpoint to resume at {output}.checkpoint; run without --resume")
         mine = {s_.split("=", 1)[0].strip() for s_ in set_}
         if set(world) - mine:
             out.print(f"{cls.name} on the embedded world: " + ", ".join(
@@ -155,8 +159,6 @@ def erase(
         from .adapters import get_adapter
 
         method = cls(cfg)
-        if resume and not isinstance(method, FineTuneMethod):
-            raise InvalidInputError(f"--resume continues fine-tuning runs; {cls.name} is {cls.family}: drop --resume")
         if isinstance(method, FineTuneMethod):  # its own progress bar (a status spinner would fight it)
             ckpt = output.with_name(output.name + ".checkpoint")
             if overwrite and not resume:

@@ -63,7 +63,8 @@ def export_lora(pipe: Any, edit: Edit, out_dir: str | Path, overwrite: bool = Fa
     refuse_hooks([edit], "a LoRA file")
     if not isinstance(edit, LoraEdit):
         raise PatchError(f"the {edit.method} edit is a {edit.kind}, not a LoRA; export it as a pipeline "
-                         "(--format diffusers), or fit it with --set lora_rank=R to get a LoRA")
+                         "(--format diffusers), or fit a LoRA: --set rank=R (fine-tuning methods) or --set lora_rank=R "
+                         "(closed-form methods)")
     edit.check(pipe, force)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for name in edit.down:

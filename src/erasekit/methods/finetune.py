@@ -156,6 +156,9 @@ class FineTuneMethod(Method):
         fingerprint = adapter.fingerprint()  # before training touches the weights it hashes
         identity = identity_of(self.name, cfg, concepts, fingerprint, on_top)
         ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
+        if resume and (ckpt is None or not ckpt.exists()):
+            where = f" at {ckpt.path}" if ckpt is not None else " (no checkpoint path was given)"
+            raise InvalidInputError(f"there is no checkpoint to resume{where}; run without --resume")
         if ckpt is not None and ckpt.exists() and not resume:
             raise InvalidInputError(f"{ckpt.path} holds an interrupted run; pass --resume to continue it, or "
                                     "--overwrite to start again")
