@@ -170,7 +170,10 @@ def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_p
     import shutil
 
     for _ in range(3):  # the signal can land after the final rename: then the output is whole; try again
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a child inherits an ignored SIGINT (and Python then never raises KeyboardInterrupt): whatever an
+        # earlier test or library did to this process's handler, the child starts with the default one
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not list(tmp_path.glob(".out.*.tmp")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
@@ -183,7 +186,8 @@ def test_an_interrupted_export_leaves_no_output_and_the_next_run_completes(tmp_p
         assert (tmp_path / "out" / "model_index.json").is_file() and not list(tmp_path.glob(".out.*.tmp"))
         shutil.rmtree(tmp_path / "out")
     else:
-        pytest.skip("the export finished before the signal landed three times")
+        pytest.skip(f"the export finished before the signal landed three times (this process's SIGINT handler: "
+                    f"{signal.getsignal(signal.SIGINT)!r})")
     assert not (tmp_path / "out").exists()
     if signal_name == "SIGINT":
         assert not list(tmp_path.glob(".out.*"))

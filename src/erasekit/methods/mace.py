@@ -37,6 +37,10 @@ tensors bit for bit). Where we differ from the official code (../shared/METHODS.
   ``concept``, keeps the loss on the concept's own tokens and leaves the others to CFR.
 - Training images come from the erase prompts (MACE: 8 images of "a photo of the {concept}"),
   each paired at every step with a random one of the concept's prompts, as MACE pairs them.
+
+MACE is a closed-form method with a short training stage inside, so it runs without checkpoints:
+``--resume`` is refused for it (its stage-2 LoRAs train ``lora_steps`` = 50 steps per concept; an
+interrupted fit starts again). Its draws are seeded, so the same settings give the same edit.
 """
 
 from __future__ import annotations
