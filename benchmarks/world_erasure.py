@@ -31,24 +31,11 @@ import erasekit  # noqa: E402
 from erasekit.concepts import ConceptSpec  # noqa: E402
 from erasekit.evaluation import ImageCache, evaluate, parse_seeds  # noqa: E402
 from erasekit.methods import REGISTRY  # noqa: E402
-from erasekit.methods.ablating import ABLATING_WORLD  # noqa: E402
-from erasekit.methods.advunlearn import ADVUNLEARN_WORLD  # noqa: E402
-from erasekit.methods.concept_steerers import STEERERS_WORLD  # noqa: E402
-from erasekit.methods.esd import ESD_WORLD  # noqa: E402
-from erasekit.methods.fs_te import FSTE_WORLD  # noqa: E402
-from erasekit.methods.saeuron import SAEURON_WORLD  # noqa: E402
-from erasekit.methods.safree import SAFREE_WORLD  # noqa: E402
-from erasekit.methods.salun import SALUN_WORLD  # noqa: E402
-from erasekit.methods.sld import SLD_WORLD  # noqa: E402
-from erasekit.world.vocab import CONCEPTS, RECE_WORLD, UCE_WORLD, erase_templates  # noqa: E402
+from erasekit.world.vocab import CONCEPTS, erase_templates  # noqa: E402
 
 MULTI = {"shape": [("star", "heart"), ("circle", "square", "triangle")],
          "colour": [("red", "blue"), ("green", "yellow", "purple")],
          "texture": [("striped", "dotted")], "background": [("grass", "sky")]}
-#: world settings per method (others use their published defaults, templates always world-shaped)
-WORLD_SETTINGS = {"uce": UCE_WORLD, "rece": RECE_WORLD, "sld": SLD_WORLD, "safree": SAFREE_WORLD, "esd": ESD_WORLD,
-                  "ablating-concepts": ABLATING_WORLD, "salun": SALUN_WORLD, "fs-te": FSTE_WORLD,
-                  "advunlearn": ADVUNLEARN_WORLD, "saeuron": SAEURON_WORLD, "concept-steerers": STEERERS_WORLD}
 #: methods that map a concept onto an anchor need one: the next value of the axis (star -> heart ...)
 NEEDS_ANCHOR = {"ablating-concepts"}
 
@@ -62,9 +49,9 @@ def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(REGISTRY)}")
         mine = [s.split(".", 1)[1] for s in sets if s.split(".", 1)[0] == m]
-        # the method's own world settings (what `erasekit erase` uses on the world), then this table's
-        own = {k: v for k, v in REGISTRY[m].world_settings([ConceptSpec("star")]).items() if k != "templates"}
-        base = {**own, **WORLD_SETTINGS.get(m, {})}
+        # the method's world settings, which `erasekit erase` uses on the world too (templates are set
+        # per erased value by the caller)
+        base = {k: v for k, v in REGISTRY[m].world_settings([ConceptSpec("star")]).items() if k != "templates"}
         cfg = apply_overrides(REGISTRY[m].Config(**base), mine)
         keys = set(base) | {s.split("=", 1)[0] for s in mine}
         out[m] = {k: getattr(cfg, k) for k in keys}

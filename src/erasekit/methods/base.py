@@ -35,9 +35,15 @@ class Method:
 
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
-        """Settings ``erasekit erase`` uses on the embedded world model unless --set overrides them
-        (none by default: the published defaults)."""
-        return {}
+        """Settings ``erasekit erase`` (and every world benchmark) uses on the embedded world model unless
+        --set overrides them: by default the world's erase templates for the concepts' axis when the
+        method has a ``templates`` setting, and otherwise the published defaults; methods add the
+        settings measured on the world (``UCE_WORLD``, ``ESD_WORLD``...)."""
+        from ..world.vocab import erase_templates, find_axis
+
+        axes = {found[0] for c in concepts if (found := find_axis(c.target)) is not None}
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        return {"templates": erase_templates(axes.pop())} if len(axes) == 1 and "templates" in fields else {}
 
     @classmethod
     def make_hooks(cls, edit: Edit, adapter: Any) -> list[Any]:

@@ -191,16 +191,6 @@ class FineTuneMethod(Method):
         finally:
             trainable.close()
 
-    @classmethod
-    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
-        """Settings for the embedded world model (``erasekit erase`` uses them there unless --set overrides):
-        the world's erase templates for the concepts' axis when the method has a ``templates`` setting."""
-        from ..world.vocab import erase_templates, find_axis
-
-        axes = {found[0] for c in concepts if (found := find_axis(c.target)) is not None}
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        return {"templates": erase_templates(axes.pop())} if len(axes) == 1 and "templates" in fields else {}
-
     def extra_manifest(self, state: Any) -> dict[str, Any]:
         """Method-specific measurements for the manifest."""
         return {}

@@ -10,11 +10,14 @@ exposed as settings. (The paper's LoRA stage comes with the fine-tuning family.)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..concepts import ConceptSpec
 from ..errors import InvalidInputError
 from ..solvers import DTYPE, Moments
+from .base import Method
 from .uce import UCE, UCEConfig
 
 _COS = {"min": -1.0, "max": 1.0}
@@ -51,6 +54,12 @@ class RealEra(UCE):
     name = "realera"
     description = "RealEra: UCE-style edit plus mined neighbour concepts and beyond-concept regularisation"
     Config = RealEraConfig
+
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """The world's erase templates only: UCE_WORLD was measured for UCE, not for RealEra (the world
+        tables ran RealEra with its published defaults)."""
+        return Method.world_settings.__func__(cls, concepts)
 
     def moments(self, c: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> Moments:
         """UCE's moments, plus mined neighbours sent to the anchor and beyond-concept rows kept."""

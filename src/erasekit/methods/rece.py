@@ -48,6 +48,13 @@ class RECE(ClosedFormMethod):
     description = "RECE: UCE followed by rounds of closed-form adversarial-embedding erasure"
     Config = RECEConfig
 
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: RECE_WORLD and the world's erase templates for the concepts' axis."""
+        from ..world.vocab import RECE_WORLD
+
+        return {**super().world_settings(concepts), **RECE_WORLD}
+
     def solve(self, cfg: RECEConfig, adapter: Any, concepts: list[ConceptSpec], layers: Layers, timer: Timer) -> Solution:
         start = UCE(UCEConfig(edit=cfg.edit, templates=cfg.templates, lam=cfg.uce_lam, token=cfg.uce_token,
                               erase_scale=cfg.uce_erase_scale)).fit(adapter, concepts)

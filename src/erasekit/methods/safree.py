@@ -394,6 +394,11 @@ class SAFREE(Method):
                    "(self-validating filter), a hook edit, training-free")
     Config = SafreeConfig
 
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: SAFREE_WORLD and the world's erase templates for the concepts' axis."""
+        return {**super().world_settings(concepts), **SAFREE_WORLD}
+
     def keywords(self, concepts: list[ConceptSpec]) -> list[str]:
         words = [p for c in concepts for p in c.erase_phrases] + [" ".join(k.split()) for k in self.config.keywords]
         words = list(dict.fromkeys(w for w in words if w))

@@ -224,6 +224,11 @@ class SLD(Method):
                    "nears it, with warm-up and momentum (a hook edit; 1.5x the UNet cost)")
     Config = SLDConfig
 
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: SLD_WORLD and the world's erase templates for the concepts' axis."""
+        return {**super().world_settings(concepts), **SLD_WORLD}
+
     def fit(self, adapter: Any, concepts: list[ConceptSpec]) -> Edit:
         t0 = time.perf_counter()
         cfg = self.config

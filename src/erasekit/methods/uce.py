@@ -95,6 +95,13 @@ class UCE(ClosedFormMethod):
     description = "Unified Concept Editing: closed-form K/V edit mapping concepts to anchors, preserving others"
     Config = UCEConfig
 
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: UCE_WORLD and the world's erase templates for the concepts' axis."""
+        from ..world.vocab import UCE_WORLD
+
+        return {**super().world_settings(concepts), **UCE_WORLD}
+
     def solve(self, cfg: UCEConfig, adapter: Any, concepts: list[ConceptSpec], layers: Layers, timer: Timer) -> Solution:
         problem = encode_problem(adapter, concepts, cfg.templates, timer, keep=lambda p: preserve_set(p, cfg.token))
         with timer.part("solve"):
