@@ -125,7 +125,8 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
             e_c = base(x, t, encoder_hidden_states=erase).sample
             e_n = base(x, t, encoder_hidden_states=null).sample
         pred = esd(x, t, encoder_hidden_states=erase).sample
-        loss = torch.nn.functional.mse_loss(pred, e_n - eta * (e_c - e_n))  # the official target
+        # esd_sd.py's target f(c) - eta'(f(c) - f(0)) with eta' = eta + 1 is erasekit's (CompVis's) f(0) - eta(f(c) - f(0))
+        loss = torch.nn.functional.mse_loss(pred, e_c - (eta + 1) * (e_c - e_n))
         loss.backward()
         opt.step()
     if device.type == "cuda":
@@ -134,7 +135,7 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
 
 
 def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int,
-         reuse: int = 1) -> float:
+         reuse: int = 1, mp: str = "no") -> float:
     import torch
 
     from erasekit.adapters import get_adapter
@@ -142,7 +143,7 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
     from erasekit.methods import ESD
 
     m = ESD(steps=steps, lr=lr, negative_guidance=eta, ddim_steps=ddim, sample_guidance=guidance, prefetch=prefetch,
-            trajectory_reuse=reuse, params="x")
+            trajectory_reuse=reuse, mixed_precision=mp, params="x")
     t0 = time.perf_counter()
     m.fit(get_adapter(pipe), [ConceptSpec(concept)], progress=False)
     if pipe.unet.device.type == "cuda":
@@ -164,7 +165,8 @@ def child(args: argparse.Namespace) -> None:
         secs = reference(pipe, **common, till=stops(0, args.steps, args.ddim_steps))
     else:
         kv = dict(part.split("=") for part in args.variant.split(","))
-        secs = ours(pipe, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)))
+        secs = ours(pipe, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)),
+                    mp=kv.get("mp", "no"))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0}))

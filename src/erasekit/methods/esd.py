@@ -21,6 +21,10 @@ Where the official codes disagree (../shared/METHODS.md §2.1), and what we chos
   norms; with ``rank > 0`` only its linear layers get adapters.
 - Defaults are the paper's / CompVis's (1000 steps, Adam lr 1e-5, η = 1); the diffusers script uses
   200 steps, lr 5e-5, η = 2.
+- Without ``erase_from`` the diffusers ``esd_sd.py`` trains towards ``f(c) − η [f(c) − f(∅)]`` (its
+  ``erase_from`` prediction defaults to the concept's), which is the target above with η − 1: its
+  default η = 2 is the paper's η = 1. ``negative_guidance = η_diffusers − 1`` gives its objective.
+  It also runs everything in bf16 (hard-coded); here precision is ``mixed_precision``.
 
 Engineering (same draws, less work): ``prefetch`` steps' trajectories are sampled as one batch by
 the frozen model (rows leave the batch at their stopping step; every draw depends on the seed and
