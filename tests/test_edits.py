@@ -90,8 +90,10 @@ def test_unclaimed_pipelines_get_one_line_naming_the_families(sd):
     img2img = StableDiffusionImg2ImgPipeline(**sd.components)
     pix2pix = StableDiffusionInstructPix2PixPipeline(**sd.components)
     for pipe in (img2img, pix2pix, object()):
-        with pytest.raises(InvalidInputError, match="not a supported pipeline; erasekit serves SDXL, Stable Diffusion"):
-            erasekit.erase(pipe, "star", method="uce")
+        for method in ("uce", "negative-prompt", "sld", "safree"):  # weights and guards alike
+            with pytest.raises(InvalidInputError, match="not a supported pipeline; erasekit serves SDXL, Stable "
+                                                        "Diffusion"):
+                erasekit.erase(pipe, "star", method=method)
 
 
 def test_negative_prompt_refuses_a_prompt_longer_than_the_context(sd):
