@@ -19,6 +19,9 @@ guidance, batch, learning rate and device; what differs is engineering only:
   without it (``benchmarks/world_erasure.py --methods esd --set esd.trajectory_reuse=R``) says whether
   erasure is any worse. Its stopping steps are the same draws; its trajectories are those of each
   group's first step.
+- ``mp=bf16`` (``mixed_precision``): bf16 autocast for every forward pass of ours. Not engineering
+  alone either (lower precision); the reference stays fp32, so compare it with ``prefetch=P`` rows.
+  The official ``esd_sd.py`` runs everything in bf16.
 
 Memory: each variant runs in a fresh subprocess; on CPU the figure is the process's peak RSS (the
 loaded pipeline included, identical for all), on CUDA torch's peak allocation.
@@ -164,7 +167,10 @@ def child(args: argparse.Namespace) -> None:
     if args.variant == "reference":
         secs = reference(pipe, **common, till=stops(0, args.steps, args.ddim_steps))
     else:
-        kv = dict(part.split("=") for part in args.variant.split(","))
+        kv = dict(part.split("=", 1) for part in args.variant.split(","))
+        unknown = set(kv) - {"prefetch", "reuse", "mp"}
+        if unknown:
+            raise SystemExit(f"unknown variant key(s) {sorted(unknown)}: use prefetch=P, reuse=R, mp=bf16")
         secs = ours(pipe, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)),
                     mp=kv.get("mp", "no"))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
@@ -181,7 +187,7 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--variants", default="prefetch=8 prefetch=16 prefetch=4,reuse=2 prefetch=8,reuse=2 "
                     "prefetch=4,reuse=4", help="erasekit variants to run besides prefetch=1, space-separated "
-                    "(prefetch=P[,reuse=R])")
+                    "(prefetch=P[,reuse=R][,mp=bf16])")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--concept", default="star")
     ap.add_argument("--device", default="cpu")

@@ -3,6 +3,7 @@ erasure quality is measured on the world model in test_world_finetune.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,6 +148,13 @@ def test_interrupted_run_resumes_to_the_same_edit(sd, tmp_path, monkeypatch):
         ESD(**cfg).fit(get_adapter(other), [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
     with pytest.raises(InvalidInputError, match="no checkpoint to resume"):
         ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=tmp_path / "none.checkpoint", resume=True, progress=False)
+    # a checkpoint written before a setting existed resumes as if it had recorded the setting's default
+    state = Checkpoint(ck).load()
+    ident = json.loads(state["identity"])
+    del ident["config"]["trajectory_reuse"]
+    Checkpoint(ck).save({**state, "identity": json.dumps(ident)})
+    with pytest.raises(InvalidInputError, match="setting trajectory_reuse"):
+        ESD(**cfg, trajectory_reuse=2).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
     got = ESD(**cfg).fit(a, [ConceptSpec("star")], checkpoint=ck, resume=True, progress=False)
     assert got.manifest["training"]["resumed_at_step"] == 2
     assert all(torch.equal(ref.tensors()[k], got.tensors()[k]) for k in ref.tensors())
@@ -199,14 +207,15 @@ def test_esd_batching_changes_no_draw(sd):
     assert torch.equal(torch.cat([r.t for r in one]), four.t)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkeypatch, batch):
+@pytest.mark.parametrize("batch, erase_from", [(1, ""), (2, ""), (2, "a heart")])
+def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkeypatch, batch, erase_from):
     """With trajectory_reuse=2, step 1 takes x_t from step 0's trajectory (its prompt and noise) at step 1's
     own stopping step: what a fresh trajectory from step 0's draws, stopped at step 1's stop, gives."""
     import erasekit.methods.esd as esd_mod
 
-    shared = _esd_rows(sd, prefetch=2, trajectory_reuse=2, batch_size=batch)  # steps 0-3: trajectories of 0 and 2
-    fresh = _esd_rows(sd, prefetch=4, batch_size=batch)
+    kw = dict(batch_size=batch, erase_from=erase_from)
+    shared = _esd_rows(sd, prefetch=2, trajectory_reuse=2, **kw)  # steps 0-3: trajectories of steps 0 and 2
+    fresh = _esd_rows(sd, prefetch=4, **kw)
     real = esd_mod.draw_example
     draws = [real(0, s, batch, 1, 6, tuple(fresh.x.shape[1:])) for s in range(4)]
     assert not torch.equal(draws[0][1], draws[1][1]), "pick a seed whose steps 0 and 1 stop apart"
@@ -217,13 +226,20 @@ def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkey
         return lead[0], s, lead[2]
 
     monkeypatch.setattr(esd_mod, "draw_example", grouped)
-    expected = _esd_rows(sd, prefetch=4, batch_size=batch)
-    for field_ in ("x", "f_uncond", "f_concept"):
+    expected = _esd_rows(sd, prefetch=4, **kw)
+    for field_ in ("x", "f_uncond", "f_concept") + (("f_source",) if erase_from else ()):
         assert torch.allclose(getattr(shared, field_), getattr(expected, field_), atol=1e-3, rtol=1e-3), field_
     assert torch.equal(shared.t, fresh.t)  # every step keeps its own stopping step
     first = slice(0, batch)  # a group's first step is untouched; its second reads another trajectory
     assert torch.allclose(shared.x[first], fresh.x[first], atol=1e-3, rtol=1e-3)
     assert not torch.allclose(shared.x[batch:2 * batch], fresh.x[batch:2 * batch], atol=1e-2)
+    # the last chunk stops at the last step (8 steps in chunks of 6: steps 6 and 7, one trajectory)
+    monkeypatch.setattr(esd_mod, "draw_example", real)
+    tail = _esd_rows(sd, chunk=1, prefetch=3, trajectory_reuse=2, **kw)
+    whole = _esd_rows(sd, prefetch=4, trajectory_reuse=2, **kw)
+    assert len(tail.x) == 2 * batch
+    assert torch.allclose(tail.x, whole.x[6 * batch:], atol=1e-3, rtol=1e-3)
+    assert torch.equal(tail.t, whole.t[6 * batch:])
     with pytest.raises(InvalidInputError, match="trajectory_reuse"):
         ESD(**FAST, trajectory_reuse=2, xt_from="trained").fit(get_adapter(sd), [ConceptSpec("star")],
                                                                progress=False)

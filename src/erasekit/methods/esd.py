@@ -175,21 +175,23 @@ class ESD(FineTuneMethod):
         cfg: ESDConfig = self.config
         size, b = self._chunk_size(), cfg.batch_size
         reuse = cfg.trajectory_reuse if cfg.xt_from == "frozen" else 1
-        n = size * b
+        first, end = chunk * size, min((chunk + 1) * size, cfg.steps)  # the last chunk stops at the last step
+        n = (end - first) * b
         prompt, stop, noise = [], [], []
-        for step in range(chunk * size, (chunk + 1) * size):  # each step's draws depend on the seed and step only
+        for step in range(first, end):  # each step's draws depend on the seed and step only
             p, s_, z = draw_example(cfg.seed, step, b, len(state["prompts"]), cfg.ddim_steps, state["shape"])
             if step % reuse:  # a later step of a group: the group's first step's prompt and noise, its own stop
                 p, z = prompt[-1], noise[-1]
             prompt.append(p)
             stop.append(s_)
             noise.append(z)
-        lead = torch.arange(0, size, reuse)  # the steps whose trajectories are sampled
+        lead = torch.arange(0, end - first, reuse)  # the steps whose trajectories are sampled
         # row i of the chunk (step i // b, example i % b) reads trajectory row (i // b // reuse) * b + i % b
         traj = (torch.arange(n) // b // reuse) * b + torch.arange(n) % b
         prompt, stop = torch.cat(prompt), torch.cat(stop)
         t_prompt = torch.cat([prompt[int(s) * b:(int(s) + 1) * b] for s in lead])
-        last = stop.view(-1, reuse, b).amax(1).flatten()  # each trajectory runs to its group's last stop
+        # each trajectory runs to its group's last stop (a chunk's last group may be short)
+        last = torch.zeros(len(t_prompt), dtype=stop.dtype).scatter_reduce(0, traj, stop, "amax")
         x = torch.cat([noise[int(s)] for s in lead]).to(adapter.device, adapter.pipe.unet.dtype)
         sched = state["sched"]
         x = x * sched.init_noise_sigma
@@ -225,9 +227,12 @@ class ESD(FineTuneMethod):
         idx = prompt.tolist()
         if frozen_sampler:  # the trajectory's last call was the frozen model at x_t: reuse its halves
             f_source = out_c if cfg.erase_from else None
-            if cfg.erase_from:
+            if cfg.erase_from:  # in batches no larger than the trajectories' (n grows with trajectory_reuse)
+                step_rows = max(len(t_prompt), 1)
                 with trainable.frozen():
-                    out_c = adapter.predict_noise(out_x, t_rows, state["enc"].index(idx)).to(out_x.dtype)
+                    out_c = torch.cat([adapter.predict_noise(out_x[i:i + step_rows], t_rows[i:i + step_rows],
+                                                             state["enc"].index(idx[i:i + step_rows]))
+                                       for i in range(0, n, step_rows)]).to(out_x.dtype)
             return _Rows(out_x, t_rows, prompt, out_u, out_c, f_source)
         with trainable.frozen():
             conds = [repeat_encoded(state["uncond"], n), state["enc"].index(idx)]

@@ -9,7 +9,6 @@ v-prediction world model.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 

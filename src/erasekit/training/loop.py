@@ -299,11 +299,14 @@ class Checkpoint:
             self.path.unlink()
 
 
-def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+def _mismatch(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:
+    """Why a checkpoint's identity is not this run's (None if it is). A setting the checkpoint does not
+    record (added to the method since) counts as its default, so older checkpoints still resume."""
     for k in sorted(set(saved) | set(now)):
         if k == "config":
-            for ck in sorted(set(saved.get(k, {})) | set(now.get(k, {}))):
-                a, b = saved.get(k, {}).get(ck), now.get(k, {}).get(ck)
+            was = {**(defaults or {}), **saved.get(k, {})}
+            for ck in sorted(set(was) | set(now.get(k, {}))):
+                a, b = was.get(ck), now.get(k, {}).get(ck)
                 if a != b and ck != "checkpoint_every":
                     return f"setting {ck} was {a!r}, now {b!r}"
         elif saved.get(k) != now.get(k):
@@ -414,7 +417,7 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
             raise InvalidInputError(f"{checkpoint.path} holds an interrupted run; pass --resume to continue it, or "
                                     "--overwrite to start again")
         state = checkpoint.load()
-        why = _mismatch(json.loads(state.get("identity", "{}")), identity)
+        why = _mismatch(json.loads(state.get("identity", "{}")), identity, _defaults(cfg))
         if why:
             raise InvalidInputError(f"--resume: the checkpoint {checkpoint.path} was made by another run ({why}); "
                                     "match its settings and model, or pass --overwrite to start again")
@@ -463,6 +466,16 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
     return {"steps": cfg.steps, "resumed_at_step": start or None, "loss": _summary(losses),
             "train_wall_time_s": round(wall_before + secs, 3),
             "steps_per_s": round(done / secs, 4) if secs > 0 and done else None}
+
+
+def _defaults(cfg: Any) -> dict[str, Any]:
+    """The default settings of ``cfg``'s class, as identities record settings."""
+    from ..methods.base import config_dict
+
+    try:
+        return json.loads(json.dumps(config_dict(type(cfg)())))
+    except Exception:  # noqa: BLE001 - a config class without defaults for every field: compare as recorded
+        return {}
 
 
 def identity_of(method: str, cfg: Any, concepts: list[Any], fingerprint: str, on_top: list[str]) -> dict[str, Any]:
