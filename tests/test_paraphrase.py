@@ -13,7 +13,7 @@ import pytest
 from erasekit.concepts import ConceptSpec
 from erasekit.evaluation.paraphrase import FRAMES, frame_of, frames, paraphrase
 from erasekit.evaluation.prompts import world_prompt_sets
-from erasekit.world.vocab import AXES, CONCEPTS, TEMPLATES, caption, erase_templates
+from erasekit.world.vocab import AXES, BROAD_TEMPLATES, CONCEPTS, GRAMMARS, TEMPLATES, all_words, caption, erase_templates
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "src/erasekit/world/assets/world-model/tokenizer"
 
@@ -30,16 +30,16 @@ def all_paraphrases():
     return out
 
 
-def training_frames():
-    """Frames of every caption the training grammar can write: each template with each subset of
+def training_frames(grammar: str = "templates"):
+    """Frames of every caption a training grammar can write: each template with each subset of
     axes left out (the masked words make the choice of values and synonyms irrelevant)."""
     rng = random.Random(0)
     out = set()
-    for t in range(len(TEMPLATES)):
+    for t in range(len(GRAMMARS[grammar])):
         for keep in itertools.product([True, False], repeat=len(AXES)):
             lab = {a: (next(iter(CONCEPTS[a])) if k else None) for a, k in zip(AXES, keep)}
             for synonym_p in (0.0, 1.0):
-                out.add(frame_of(caption(lab, rng, template=t, synonym_p=synonym_p)))
+                out.add(frame_of(caption(lab, rng, template=t, synonym_p=synonym_p, grammar=grammar)))
     return out
 
 
@@ -65,6 +65,39 @@ def test_frames_are_disjoint_from_training_captions_and_erase_templates():
     assert not mine & erase_template_frames()
     # every prompt the family writes, not just the frames filled with canonical words
     assert {frame_of(p) for p in all_paraphrases()} == mine
+
+
+def test_the_broad_training_grammar_stays_clear_of_the_paraphrase_family():
+    """A world model retrained on the broad grammar must still meet the paraphrases as unseen
+    phrasings: no broad caption, with any axes left out, has a paraphrase frame."""
+    broad = training_frames("broad")
+    assert training_frames() < broad and len(BROAD_TEMPLATES) >= 40
+    assert not broad & frames()
+    rng = random.Random(2)
+    captions = {caption({a: rng.choice(list(CONCEPTS[a])) for a in AXES}, rng, synonym_p=0.5, drop_p=0.2,
+                        grammar="broad") for _ in range(20000)}
+    assert not captions & all_paraphrases()
+
+
+def test_the_broad_grammar_fits_its_tokenizer_and_leaves_the_shipped_one_alone(tmp_path):
+    from erasekit.world.tokenizer import make_tokenizer
+    from erasekit.world.train import MAX_TOKENS
+
+    assert set(all_words()) < set(all_words("broad"))
+    tok = make_tokenizer(tmp_path / "broad", model_max_length=MAX_TOKENS, words=all_words("broad"))
+    assert all(len(tok(w).input_ids) == 3 for w in all_words("broad"))  # every word one token
+    rng = random.Random(3)
+    longest = 0
+    for t in range(len(BROAD_TEMPLATES)):
+        for _ in range(20):  # the longest synonyms differ in letters, not tokens
+            lab = {a: rng.choice(list(CONCEPTS[a])) for a in AXES}
+            longest = max(longest, len(tok(caption(lab, rng, template=t, grammar="broad")).input_ids))
+    assert longest <= MAX_TOKENS, longest
+    shipped = json.loads((TOKENIZER / "vocab.json").read_text())
+    make_tokenizer(tmp_path / "default")
+    assert json.loads((tmp_path / "default" / "vocab.json").read_text()) == shipped
+    with pytest.raises(Exception, match="unknown caption grammar"):
+        caption({"shape": "star"}, rng, grammar="english")
 
 
 def test_no_training_caption_is_a_paraphrase():

@@ -66,32 +66,34 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
             seqs[i] = out
 
 
-def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Return the vocabulary (token -> id) and the ranked merges."""
+def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Return the vocabulary (token -> id) and the ranked merges, for ``words`` (default: the
+    shipped model's word list, ``all_words()``)."""
     b2u = bytes_to_unicode()
     base = list(b2u.values())
     tokens = base + [t + "</w>" for t in base]
-    merges = learn_merges(all_words())
+    merges = learn_merges(all_words() if words is None else words)
     tokens += [a + b for a, b in merges]
     tokens += [BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tokenizer_files(folder: str | Path) -> tuple[Path, Path]:
+def write_tokenizer_files(folder: str | Path, words: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` into ``folder``; returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab()
+    vocab, merges = build_vocab(words)
     vp, mp = folder / "vocab.json", folder / "merges.txt"
     vp.write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     mp.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return vp, mp
 
 
-def make_tokenizer(folder: str | Path, model_max_length: int = 77):
-    """A ``CLIPTokenizer`` over the world files (written to ``folder``)."""
+def make_tokenizer(folder: str | Path, model_max_length: int = 77, words: list[str] | None = None):
+    """A ``CLIPTokenizer`` over the world files (written to ``folder``) for ``words`` (default: the
+    shipped model's word list)."""
     from transformers import CLIPTokenizer
 
-    write_tokenizer_files(folder)
+    write_tokenizer_files(folder, words)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length,
                                          bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .classifier import evaluate_classifier, save_classifier, to_input, train_classifier
 from .render import render_batch
 from .tokenizer import make_tokenizer, write_tokenizer_files
-from .vocab import AXES, CONCEPTS, TEMPLATES, Labels, caption
+from .vocab import AXES, CONCEPTS, TEMPLATES, Labels, all_words, caption, grammar_templates
 
 SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 2.0}
 # Context length of the world's text encoder. The longest world caption is 16 tokens; CLIP's 77
@@ -82,6 +82,10 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={
         "help": "cpu, cuda or auto (cuda when present). Batches and noise come from CPU generators either way, "
                 "so a GPU run follows the CPU recipe step for step (up to float rounding)"})
+    grammar: str = field(default="templates", metadata={
+        "help": "caption grammar: templates (the 7 templates of the shipped model) or broad (BROAD_TEMPLATES: "
+                "43 templates with requests, questions, clauses; disjoint from the paraphrase family)",
+        "choices": ("templates", "broad")})
     token_init_std: float = field(default=1.0, metadata={
         "help": "std of the text encoder's initial token embeddings (CLIP's 0.02 leaves all words nearly alike: "
                 "only the background got told apart, colour and shape stayed at chance)"})
@@ -318,7 +322,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     # 3. UNet + text encoder
     t0 = time.time()
     tok_dir = work / "tokenizer"
-    tokenizer = make_tokenizer(tok_dir, model_max_length=MAX_TOKENS)
+    tokenizer = make_tokenizer(tok_dir, model_max_length=MAX_TOKENS, words=all_words(cfg.grammar))
     torch.manual_seed(cfg.seed + 20)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     with torch.no_grad():  # distinct words from step 0, so the UNet can read every axis (see TrainConfig)
@@ -369,7 +373,8 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             if crng.random() < cfg.uncond_p:
                 texts.append("")
             else:
-                texts.append(caption(pool_labels[j], crng, synonym_p=cfg.synonym_p, drop_p=cfg.drop_axis_p))
+                texts.append(caption(pool_labels[j], crng, synonym_p=cfg.synonym_p, drop_p=cfg.drop_axis_p,
+                                     grammar=cfg.grammar))
         # synonym alignment pairs: same template and dropped axes, canonical vs synonym words
         n_pairs = 8 if cfg.synonym_loss > 0 else 0
         canon, syn = [], []
@@ -377,9 +382,9 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             d = {a: (None if crng.random() < cfg.drop_axis_p else v) for a, v in pool_labels[j].as_dict().items()}
             if d["shape"] is None:
                 d["shape"] = pool_labels[j].shape
-            tpl = crng.randrange(len(TEMPLATES))
-            canon.append(caption(d, random.Random(0), template=tpl, synonym_p=0.0))
-            syn.append(caption(d, crng, template=tpl, synonym_p=1.0))
+            tpl = crng.randrange(len(grammar_templates(cfg.grammar)))
+            canon.append(caption(d, random.Random(0), template=tpl, synonym_p=0.0, grammar=cfg.grammar))
+            syn.append(caption(d, crng, template=tpl, synonym_p=1.0, grammar=cfg.grammar))
         h_all = encode(texts + canon + syn)
         h = h_all[:cfg.batch_size]
         hc, hs = h_all[cfg.batch_size:cfg.batch_size + n_pairs], h_all[cfg.batch_size + n_pairs:]

@@ -65,25 +65,91 @@ TEMPLATES: tuple[str, ...] = (
     "a picture of a {col}{shape}{tex_with}{bg_against}",
 )
 
+#: A broader caption grammar for retraining the world model (issue: a world model that reads more than
+#: seven templates): the seven above plus requests, questions, fillers, clauses, and colour, texture
+#: and background before and after the shape. Every template has all four axes' slots (``drop_p``
+#: leaves axes out). Written without looking at the paraphrase family, and kept out of it: no
+#: template's frame (concept words masked) is a paraphrase frame (``tests/test_paraphrase.py``).
+#: ``erasekit world train --set grammar=broad`` trains on it; the shipped model was trained on
+#: ``TEMPLATES`` alone, and evaluation's templated prompts stay on ``TEMPLATES``.
+BROAD_TEMPLATES: tuple[str, ...] = TEMPLATES + (
+    "please draw a {tex}{col}{shape}{bg_on}",
+    "draw a {col}{shape}{tex_pattern}{bg_with}",
+    "can you make a {col}{tex}{shape}{bg_in_front}?",
+    "i want a {shape}{col_that}{tex_pattern}{bg_on}",
+    "here is a {tex}{shape}{col_coloured}{bg_behind}",
+    "there is a {col}{tex}{shape}{bg_setting}",
+    "a {shape}{col_comma}{tex_comma}{bg_on}",
+    "we see a {col}{shape}{tex_with}{bg_in_front}",
+    "show a {shape}{col_in}{tex_pattern}{bg_against}",
+    "a simple {col}{tex}{shape}{bg_over}",
+    "one {tex}{col}{shape}{bg_setting}",
+    "render a {tex}{shape}{col_in}{bg_against}",
+    "an illustration of a {col}{tex}{shape}{bg_with}",
+    "a sketch of a {tex}{shape}{col_that}{bg_behind}",
+    "what does a {col}{tex}{shape}{bg_on} look like?",
+    "imagine a {shape}{col_coloured}{tex_pattern}{bg_in_front}",
+    "this is a {tex}{col}{shape}{bg_setting}",
+    "generate a {col}{shape}{tex_with}{bg_behind}",
+    "i need a {tex}{shape}{col_in}{bg_with}",
+    "please, a {col}{tex}{shape}{bg_on}",
+    "give me a {shape}{col_that}{tex_comma}{bg_over}",
+    "look at the {tex}{col}{shape}{bg_on}",
+    "the picture shows a {col}{shape}{tex_pattern}{bg_in_front}",
+    "{bg_pre}there is a {tex}{col}{shape}",
+    "{bg_pre}draw a {col}{shape}{tex_with}",
+    "could we have a {tex}{col}{shape}{bg_setting}?",
+    "a nice {col}{tex}{shape}{bg_against}",
+    "my favourite is a {shape}{col_coloured}{tex_with}{bg_on}",
+    "do you have a {col}{tex}{shape}{bg_over}?",
+    "a view of a {shape}{col_in}{tex_pattern}{bg_setting}",
+    "make me a {tex}{col}{shape}{bg_with}",
+    "a {col}{shape}{tex_comma}{bg_in_front}",
+    "add a {col}{tex}{shape}{bg_on}",
+    "i drew a {tex}{shape}{col_coloured}{bg_against}",
+    "an artwork with a {col}{tex}{shape}{bg_behind}",
+    "a {tex}{col}{shape} for you{bg_comma}",
+)
+
+#: caption grammars by name (``caption(grammar=...)``, ``world train --set grammar=...``)
+GRAMMARS: dict[str, tuple[str, ...]] = {"templates": TEMPLATES, "broad": BROAD_TEMPLATES}
+
 GENERIC_NOUNS: tuple[str, ...] = ("shape", "object")
 
+_SLOTS = ("{tex}", "{col}", "{shape}", "{bg_on}", "{bg_against}", "{bg_over}", "{bg_comma}", "{bg_pre}",
+          "{tex_with}", "{col_in}", "{col_that}", "{tex_pattern}", "{bg_with}", "{bg_behind}", "{bg_in_front}",
+          "{col_coloured}", "{tex_comma}", "{col_comma}", "{bg_setting}")
+#: the words the slots themselves add (beyond the concept words)
+_SLOT_WORDS = ("an", "on", "background", "against", "backdrop", "over", "with", "pattern", "in", "texture")
+_BROAD_SLOT_WORDS = ("that", "is", "behind", "it", "front", "of", "coloured", "setting")
 
-def all_words() -> list[str]:
-    """Every word a world caption can contain, sorted (the tokenizer's word list)."""
+
+def all_words(grammar: str = "templates") -> list[str]:
+    """Every word a world caption of ``grammar`` can contain, sorted (the tokenizer's word list; the
+    default, ``templates``, is the shipped model's)."""
     words: set[str] = set(GENERIC_NOUNS)
     for axis in CONCEPTS.values():
         for canon, syns in axis.items():
             words.add(canon)
             words.update(syns)
-    for t in TEMPLATES:
+    for t in grammar_templates(grammar):
         filled = t
-        for slot in ("{tex}", "{col}", "{shape}", "{bg_on}", "{bg_against}", "{bg_over}",
-                     "{bg_comma}", "{bg_pre}", "{tex_with}", "{col_in}"):
+        for slot in _SLOTS:
             filled = filled.replace(slot, " ")
-        words.update(w for w in filled.replace(",", " ").split() if w)
-    words.update(("an", "on", "background", "against", "backdrop", "over", "with", "pattern",
-                  "in", "texture"))
+        words.update(w for w in filled.replace(",", " ").replace("?", " ").split() if w)
+    words.update(_SLOT_WORDS)
+    if grammar != "templates":
+        words.update(_BROAD_SLOT_WORDS)
     return sorted(words)
+
+
+def grammar_templates(grammar: str) -> tuple[str, ...]:
+    """The templates of a caption grammar by name; an unknown name is a one-line error."""
+    if grammar not in GRAMMARS:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"unknown caption grammar {grammar!r}; choose one of {', '.join(GRAMMARS)}")
+    return GRAMMARS[grammar]
 
 
 @dataclass(frozen=True)
@@ -119,16 +185,19 @@ def caption(
     template: int | None = None,
     synonym_p: float = 0.5,
     drop_p: float = 0.0,
+    grammar: str = "templates",
 ) -> str:
     """Build one caption for ``labels``.
 
     Args:
         labels: canonical values; an axis set to ``None`` is left out of the caption.
         rng: source of randomness (template, synonyms, dropped axes).
-        template: index into ``TEMPLATES``; random when ``None``.
+        template: index into the grammar's templates; random when ``None``.
         synonym_p: probability that each mentioned value is replaced by a random synonym.
         drop_p: probability that each axis is left out.
+        grammar: ``templates`` (``TEMPLATES``, the shipped model's) or ``broad`` (``BROAD_TEMPLATES``).
     """
+    templates = grammar_templates(grammar)
     values = labels.as_dict() if isinstance(labels, Labels) else dict(labels)
     words: dict[str, str | None] = {}
     for axis in AXES:
@@ -138,7 +207,7 @@ def caption(
         if v is not None and rng.random() < synonym_p:
             v = rng.choice(CONCEPTS[axis][v])
         words[axis] = v
-    t = TEMPLATES[rng.randrange(len(TEMPLATES)) if template is None else template]
+    t = templates[rng.randrange(len(templates)) if template is None else template]
     tex, col, bg = words["texture"], words["colour"], words["background"]
     slots = {
         "tex": f"{tex} " if tex else "",
@@ -151,6 +220,15 @@ def caption(
         "bg_pre": f"on a {bg} background, " if bg else "",
         "tex_with": f" with a {tex} texture" if tex else "",
         "col_in": f" in {col}" if col else "",
+        "col_that": f" that is {col}" if col else "",
+        "tex_pattern": f" with a {tex} pattern" if tex else "",
+        "bg_with": f" with a {bg} background" if bg else "",
+        "bg_behind": f", {bg} behind it" if bg else "",
+        "bg_in_front": f" in front of a {bg} background" if bg else "",
+        "col_coloured": f" coloured {col}" if col else "",
+        "tex_comma": f", {tex}" if tex else "",
+        "col_comma": f", {col}" if col else "",
+        "bg_setting": f" in a {bg} setting" if bg else "",
     }
     return _article_fix(t.format(**slots))
 
