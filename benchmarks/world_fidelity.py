@@ -6,7 +6,11 @@ with the prompt, per axis; once with canonical words and once with synonyms. The
 columns are the same classifier on true renders of the same labels (the ceiling the judge
 allows) and chance.
 
-    python benchmarks/world_fidelity.py [--n 512] [--model PATH] [--device cpu|cuda]
+With ``--paraphrase`` the same held-out combinations are also asked for in the paraphrase family's
+phrasings (a grammar no training caption uses), canonical words and synonyms, against the retraining
+bar: paraphrases >= 0.95 on every axis with the training templates still >= 0.98.
+
+    python benchmarks/world_fidelity.py [--n 512] [--model PATH] [--device cpu|cuda] [--paraphrase]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from erasekit.world.train import SAMPLING_DEFAULTS, fidelity, fidelity_prompts  
 from erasekit.world.vocab import AXES, CONCEPTS  # noqa: E402
 
 BARS = {"shape": 0.90, "colour": 0.90, "texture": 0.80, "background": 0.90}
+#: the retraining bar for a world model that reads more than its templates
+PARAPHRASE_BAR, TEMPLATE_BAR = 0.95, 0.98
 
 
 def main() -> None:
@@ -39,6 +45,8 @@ def main() -> None:
                     help="judge weights (default: classifier.safetensors beside --model, else the shipped judge)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (figures are the same up to float rounding)")
+    ap.add_argument("--paraphrase", action="store_true",
+                    help="also measure the paraphrase family's phrasings (the retraining bar)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device=args.device)
@@ -71,6 +79,20 @@ def main() -> None:
     print(f"generation: {args.n / t_gen:.1f} images/s ({where}, "
           f"{SAMPLING_DEFAULTS['num_inference_steps']} steps, guidance {SAMPLING_DEFAULTS['guidance_scale']})")
     print("all bars met" if all_ok else "some bars not met (see verdicts)")
+    if not args.paraphrase:
+        return
+    p_canon = fidelity(pipe, judge, args.n, seed=args.seed, family="paraphrase")
+    p_syn = fidelity(pipe, judge, args.n, seed=args.seed, synonyms=True, family="paraphrase")
+    print(f"\nparaphrase family (same held-out combinations, phrasings no training caption uses); "
+          f"bar: paraphrases >= {PARAPHRASE_BAR} canonical and synonyms, templates >= {TEMPLATE_BAR}")
+    print(f"{'axis':<11}{'templates':>10}{'synonyms':>10}{'paraphr.':>10}{'p:synonyms':>11}  verdict")
+    met = True
+    for a in AXES:
+        ok = min(p_canon[a], p_syn[a]) >= PARAPHRASE_BAR and min(canon[a], syn[a]) >= TEMPLATE_BAR
+        met &= ok
+        print(f"{a:<11}{canon[a]:>10.3f}{syn[a]:>10.3f}{p_canon[a]:>10.3f}{p_syn[a]:>11.3f}  "
+              f"{'meets bar' if ok else 'BELOW BAR'}")
+    print("retraining bar met" if met else "retraining bar not met")
 
 
 if __name__ == "__main__":

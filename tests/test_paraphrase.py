@@ -100,6 +100,31 @@ def test_the_broad_grammar_fits_its_tokenizer_and_leaves_the_shipped_one_alone(t
         caption({"shape": "star"}, rng, grammar="english")
 
 
+@pytest.mark.parametrize("synonyms", [False, True])
+def test_fidelity_prompts_in_the_paraphrase_family(synonyms):
+    """The retraining bar's prompts: held-out combinations in paraphrase frames, every axis named by a
+    word of its true value (a synonym when asked), the same combinations as the templated prompts."""
+    from erasekit.world.train import fidelity_prompts
+    from erasekit.world.vocab import canonical_of
+
+    para = fidelity_prompts(64, 5, synonyms=synonyms, family="paraphrase")
+    templ = fidelity_prompts(64, 5, synonyms=synonyms)
+    assert [lab for _, lab in para] == [lab for _, lab in templ]
+    assert {frame_of(p) for p, _ in para} == frames()
+    for p, lab in para:
+        named = {}
+        for w in re.findall(r"[a-z]+", p):
+            for a in AXES:
+                try:
+                    named[a] = canonical_of(a, w)
+                except KeyError:
+                    pass
+        assert named == lab.as_dict(), p
+        said = set(re.findall(r"[a-z]+", p))
+        canonical = set(lab.as_dict().values())
+        assert (not canonical & said) if synonyms else canonical <= said, p
+
+
 def test_no_training_caption_is_a_paraphrase():
     rng = random.Random(1)
     captions = {caption({a: rng.choice(list(CONCEPTS[a])) for a in AXES}, rng, synonym_p=0.5, drop_p=0.2)

@@ -137,8 +137,19 @@ def heldout_combos() -> list[Labels]:
     return [c for c in all_combos() if is_heldout(c)]
 
 
-def fidelity_prompts(n: int, seed: int, synonyms: bool = False) -> list[tuple[str, Labels]]:
-    """``n`` prompts over held-out combinations naming all four axes (canonical or synonym words)."""
+def fidelity_prompts(n: int, seed: int, synonyms: bool = False, family: str = "templates") -> list[tuple[str, Labels]]:
+    """``n`` prompts over held-out combinations naming all four axes (canonical or synonym words), in
+    the training templates (``family="templates"``) or the paraphrase family's frames
+    (``"paraphrase"``, :mod:`erasekit.evaluation.paraphrase`: phrasings no training caption uses)."""
+    if family == "paraphrase":  # the templated prompts' combinations, asked for in paraphrase frames
+        from ..evaluation.paraphrase import FRAMES, paraphrase
+
+        wrng = random.Random(f"paraphrase-{seed}")
+        out = []
+        for i, (_, lab) in enumerate(fidelity_prompts(n, seed, synonyms)):
+            words = {a: (wrng.choice(CONCEPTS[a][v]) if synonyms else v) for a, v in lab.as_dict().items()}
+            out.append((paraphrase(words, i % len(FRAMES)), lab))
+        return out
     rng = random.Random(seed)
     combos = heldout_combos()
     out = []
@@ -167,9 +178,9 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], batch_size: int 
 
 @torch.no_grad()
 def fidelity(pipe, classifier, n: int, seed: int = 777, synonyms: bool = False, batch_size: int = 64,
-             grid_path: str | Path | None = None, **sampling) -> dict[str, float]:
+             grid_path: str | Path | None = None, family: str = "templates", **sampling) -> dict[str, float]:
     """Share of generated images whose classifier argmax agrees with the prompt, per axis."""
-    items = fidelity_prompts(n, seed, synonyms)
+    items = fidelity_prompts(n, seed, synonyms, family)
     imgs = generate_images(pipe, [p for p, _ in items], [10_000_000 + seed * 10_000 + i for i in range(n)],
                            batch_size=batch_size, **sampling)
     if grid_path is not None:
