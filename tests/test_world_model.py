@@ -65,3 +65,22 @@ def test_generation_is_seeded(world_pipe):
     assert (a == b).all() and not (a[0] == a[1]).all()
     # image i depends on seed + i only (batching may move a pixel by a rounding step)
     assert abs(a[1].astype(int) - c[0].astype(int)).max() <= 2
+
+
+def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_path):
+    """``world train --set grammar=broad``, a few steps on the shipped VAE and judge: the saved tokenizer
+    is the broad one (a default one would hand the text encoder other words' ids), and every word of a
+    broad caption is one token of it."""
+    from erasekit.world.train import TrainConfig, train_world
+    from erasekit.world.vocab import all_words
+
+    cfg = TrainConfig(grammar="broad", pool=200, unet_steps=2, first_probe=10, probe_every=10, probe_images=4,
+                      final_eval_images=4, threads=1, reuse_vae=str(model_path() / "vae"),
+                      reuse_classifier=str(model_path().parent / "classifier.safetensors"))
+    train_world(tmp_path / "wb", cfg, log=lambda *a, **k: None)
+    vocab = json.loads((tmp_path / "wb" / "tokenizer" / "vocab.json").read_text())
+    te = json.loads((tmp_path / "wb" / "text_encoder" / "config.json").read_text())
+    assert len(vocab) == te["vocab_size"]
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path / "wb" / "tokenizer"))
+    assert all(len(tok(w).input_ids) == 3 for w in all_words("broad"))
+    assert len(tok("can you make a red striped star in front of a grass background?").input_ids) == 16

@@ -472,7 +472,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             conf = json.loads(cfg_file.read_text())
             if conf.pop("_name_or_path", None) is not None:
                 cfg_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        write_tokenizer_files(tmp / "tokenizer")
+        write_tokenizer_files(tmp / "tokenizer", all_words(cfg.grammar))  # the words the text encoder learned
         (tmp / "erasekit.json").write_text(json.dumps({"world": True, "sampling": SAMPLING_DEFAULTS,
                                                        "image_size": 32}, indent=2) + "\n")
         (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
