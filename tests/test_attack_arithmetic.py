@@ -15,10 +15,9 @@ from erasekit.attacks.base import AttackContext, Item
 from erasekit.attacks.concept_arithmetic import (ARITHMETIC_WORLD, ConceptArithmetic, ConceptArithmeticConfig,
                                                  _search_prompts)
 from erasekit.errors import InvalidInputError
-from erasekit.generate import generate
 from erasekit.methods import get_method
 from erasekit.world.vocab import CONCEPTS
-from tiny import RuleJudge, tiny_sd, tiny_sdxl
+from tiny import RuleJudge, assert_replays, tiny_sd, tiny_sdxl, uce_edit
 
 #: settings that run concept arithmetic in seconds on a tiny pipeline
 TINY = {"trials": 4, "search_prompts": 1, "search_seeds": 1, "max_terms": 2}
@@ -49,14 +48,10 @@ def tiny(tmp_path_factory):
     return {"sd": tiny_sd(tmp_path_factory.mktemp("tok")), "sdxl": tiny_sdxl(tmp_path_factory.mktemp("tok"))}
 
 
-def uce(pipe):
-    return get_method("uce")().fit(get_adapter(pipe), [erasekit.ConceptSpec("star")])
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_arithmetic_on_tiny_pipelines_is_seeded_and_replays(family, tiny, tmp_path):
     pipe = tiny[family]
-    edit = uce(pipe)
+    edit = uce_edit(pipe)
     runs = [attack(pipe, "star", ConceptArithmetic(**TINY), patch=edit, seeds=range(2), sets=("target",),
                    cache=tmp_path / "c", sampling=SAMPLING, judge=StubJudge(dim), seed=5) for _ in range(2)]
     r, again = runs
@@ -81,13 +76,7 @@ def test_arithmetic_on_tiny_pipelines_is_seeded_and_replays(family, tiny, tmp_pa
     back = Adversarial.load(tmp_path / "run")
     assert back.terms == adv.terms and back.prompts == adv.prompts and back.seeds == adv.seeds
     assert isinstance(back.hooks()[0], ArithmeticHook)
-    edit.apply(pipe)
-    try:
-        for i in range(2):
-            im = generate(pipe, back.prompts[i], n=1, seed=back.seeds[i], adversarial=back, **SAMPLING)[0]
-            assert np.array_equal(np.asarray(im), r.attacked_images[i])
-    finally:
-        edit.revert(pipe)
+    assert_replays(pipe, edit, back, r, SAMPLING)
 
 
 def test_arithmetic_composes_over_a_hook_edit_and_stops_when_all_search_images_succeed(tiny, tmp_path):
@@ -136,7 +125,7 @@ def test_bad_settings_are_one_line(tiny, tmp_path):
         assert "\n" not in str(e.value)
     pipe = tiny["sd"]
     with pytest.raises(InvalidInputError, match="guidance_scale > 1") as e:
-        attack(pipe, "star", ConceptArithmetic(**TINY), patch=uce(pipe), seeds=range(1), sets=("target",),
+        attack(pipe, "star", ConceptArithmetic(**TINY), patch=uce_edit(pipe), seeds=range(1), sets=("target",),
                cache=tmp_path / "c", sampling={"num_inference_steps": 1, "guidance_scale": 1.0},
                judge=StubJudge(dim))
     assert "\n" not in str(e.value)
@@ -146,7 +135,7 @@ def test_bad_settings_are_one_line(tiny, tmp_path):
 def test_a_synonym_term_brings_the_erased_star_back_on_the_world(world_pipe, tmp_path):
     """Against UCE's erasure of star: adding "a photo of a pentagram" to the guidance makes the world
     classifier read star more often on the search images than the plain prompts do."""
-    edit = uce(world_pipe)
+    edit = uce_edit(world_pipe)
     r = attack(world_pipe, "star", ConceptArithmetic(trials=3, search_prompts=2, search_seeds=2), patch=edit,
                seeds=range(4), sets=("target",), cache=tmp_path / "c")
     base, synonym = r.record["trials"][0], r.record["trials"][1]

@@ -13,9 +13,8 @@ from erasekit.attacks.artefact import ids_to_vectors
 from erasekit.attacks.base import AttackContext, Item
 from erasekit.attacks.p4d import P4D, P4D_WORLD, P4DConfig, layout
 from erasekit.errors import InvalidInputError
-from erasekit.generate import generate
 from erasekit.methods import get_method
-from tiny import tiny_sd, tiny_sdxl
+from tiny import assert_replays, tiny_sd, tiny_sdxl, uce_edit
 
 #: settings that run P4D in seconds on a tiny pipeline
 TINY = {"iterations": 4, "eval_every": 2, "bank": 2, "n_tokens": 3, "skip_pre": False}
@@ -25,10 +24,6 @@ SAMPLING = {"num_inference_steps": 1, "guidance_scale": 2.0}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return {"sd": tiny_sd(tmp_path_factory.mktemp("tok")), "sdxl": tiny_sdxl(tmp_path_factory.mktemp("tok"))}
-
-
-def uce(pipe):
-    return get_method("uce")().fit(get_adapter(pipe), [erasekit.ConceptSpec("star")])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def test_layouts_follow_the_official_token_positions():
 @pytest.mark.parametrize("family,select", [("sd", "similarity"), ("sdxl", "objective")])
 def test_p4d_on_tiny_pipelines_is_seeded_and_replays(family, select, tiny, tmp_path):
     pipe = tiny[family]
-    edit = uce(pipe)
+    edit = uce_edit(pipe)
     runs = [attack(pipe, "star", P4D(**TINY, select=select), patch=edit, seeds=range(2), sets=("target",), cache=tmp_path / "c",
                    sampling=SAMPLING, seed=s) for s in (3, 3)]
     r, again = runs
@@ -73,13 +68,7 @@ def test_p4d_on_tiny_pipelines_is_seeded_and_replays(family, select, tiny, tmp_p
     assert back.token_ids == adv.token_ids and back.prompts == adv.prompts
     with torch.no_grad():
         assert torch.equal(back.encode(adapter, back.prompts).embeds, adv.encode(adapter, adv.prompts).embeds)
-    edit.apply(pipe)
-    try:
-        for i in range(2):
-            im = generate(pipe, back.prompts[i], n=1, seed=back.seeds[i], adversarial=back, **SAMPLING)[0]
-            assert np.array_equal(np.asarray(im), r.attacked_images[i])
-    finally:
-        edit.revert(pipe)
+    assert_replays(pipe, edit, back, r, SAMPLING)
 
 
 def test_p4d_k_keeps_the_prompt_words_and_attacks_through_a_hook_edit(tiny, tmp_path):
@@ -125,7 +114,7 @@ def test_similarity_selection_falls_back_to_the_concept_probability_without_an_e
 def test_p4d_objective_falls_on_the_world(world_pipe, world_cache):
     """Against UCE's erasure of star, with the world's step size: the loss over the same bank of (x_t, t)
     falls from the first passes to the last (a fixed bank of 6 draws, cycled ten times)."""
-    edit = uce(world_pipe)
+    edit = uce_edit(world_pipe)
     cfg = {**P4D_WORLD, "iterations": 60, "bank": 6, "eval_every": 30, "select": "objective"}
     r = attack(world_pipe, "star", P4D(**cfg), patch=edit, seeds=range(1), sets=("target",), cache=world_cache)
     passes = r.record["objective_by_pass"]
@@ -147,7 +136,7 @@ def test_bad_settings_are_one_line(world_pipe, world_cache):
         P4D(variant="x")
     with pytest.raises(InvalidInputError, match="no setting"):
         P4D(prompt_len=3)
-    edit = uce(world_pipe)
+    edit = uce_edit(world_pipe)
     kw = {"patch": edit, "seeds": range(1), "sets": ("target",), "cache": world_cache}
     with pytest.raises(InvalidInputError, match="reads 20") as e:  # the world's text encoder reads 20 tokens
         attack(world_pipe, "star", P4D(n_tokens=19, iterations=1), **kw)

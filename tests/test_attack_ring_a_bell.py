@@ -15,8 +15,7 @@ from erasekit.attacks.ring_a_bell import (RAB_WORLD, RingABell, RingABellConfig,
                                           encode_ids, fitness, genetic_search, vocabulary)
 from erasekit.errors import InvalidInputError
 from erasekit.generate import generate
-from erasekit.methods import get_method
-from tiny import tiny_sd, tiny_sdxl
+from tiny import tiny_sd, tiny_sdxl, uce_edit
 
 #: settings that run Ring-A-Bell in a second on a tiny pipeline
 TINY = {"length": 4, "population": 8, "generations": 5}
@@ -26,10 +25,6 @@ SAMPLING = {"num_inference_steps": 1, "guidance_scale": 2.0}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return {"sd": tiny_sd(tmp_path_factory.mktemp("tok")), "sdxl": tiny_sdxl(tmp_path_factory.mktemp("tok"))}
-
-
-def uce(pipe):
-    return get_method("uce")().fit(get_adapter(pipe), [erasekit.ConceptSpec("star")])
 
 
 def target_of(adapter, prompts, i, eta, neutral="object"):
@@ -50,7 +45,7 @@ def test_vocabulary_leaves_out_special_tokens(world_pipe):
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_ring_a_bell_on_tiny_pipelines_is_seeded_and_replays(family, tiny, tmp_path):
     pipe = tiny[family]
-    edit = uce(pipe)
+    edit = uce_edit(pipe)
     adapter = get_adapter(pipe)
     runs = [attack(pipe, "star", RingABell(**TINY), patch=edit, seeds=range(2), sets=("target",),
                    cache=tmp_path / "c", sampling=SAMPLING) for _ in range(2)]
@@ -131,7 +126,7 @@ def test_bad_settings_are_one_line(world_pipe, tmp_path):
         RingABell(generations=0)
     with pytest.raises(InvalidInputError, match="mutation"):
         RingABell(mutation=1.5)
-    edit = uce(world_pipe)
+    edit = uce_edit(world_pipe)
     with pytest.raises(InvalidInputError, match="reads 20") as e:
         attack(world_pipe, "star", RingABell(length=19, generations=1), patch=edit, seeds=range(1),
                sets=("target",), cache=tmp_path / "c")

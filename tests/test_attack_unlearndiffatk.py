@@ -15,9 +15,8 @@ from erasekit.attacks.base import AttackContext, Item
 from erasekit.attacks.unlearndiffatk import (UDA_WORLD, UnlearnDiffAtk, UnlearnDiffAtkConfig, prefix_room,
                                              project_simplex, timestep_schedule, vocabulary)
 from erasekit.errors import InvalidInputError
-from erasekit.generate import generate
 from erasekit.methods import get_method
-from tiny import RuleJudge, tiny_sd, tiny_sdxl
+from tiny import RuleJudge, assert_replays, tiny_sd, tiny_sdxl, uce_edit
 
 #: settings that run UnlearnDiffAtk in seconds on a tiny pipeline
 TINY = {"prefix_k": 2, "timesteps": 2, "iterations": 2}
@@ -67,10 +66,6 @@ def tiny(tmp_path_factory):
     return {"sd": tiny_sd(tmp_path_factory.mktemp("tok")), "sdxl": tiny_sdxl(tmp_path_factory.mktemp("tok"))}
 
 
-def uce(pipe):
-    return get_method("uce")().fit(get_adapter(pipe), [erasekit.ConceptSpec("star")])
-
-
 def test_simplex_projection_schedule_and_vocabulary(tiny):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 50, generator=g) * torch.tensor([0.01, 0.1, 1.0, 3.0, 0.001, 10.0])[:, None]
@@ -97,7 +92,7 @@ def test_simplex_projection_schedule_and_vocabulary(tiny):
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_uda_on_tiny_pipelines_is_seeded_and_replays(family, tiny, tmp_path):
     pipe = tiny[family]
-    edit = uce(pipe)
+    edit = uce_edit(pipe)
     runs = [attack(pipe, "star", UnlearnDiffAtk(**TINY), patch=edit, seeds=range(2), sets=("target",),
                    cache=tmp_path / "c", sampling=SAMPLING, judge=StubJudge(never), seed=3) for _ in range(2)]
     r, again = runs
@@ -126,18 +121,12 @@ def test_uda_on_tiny_pipelines_is_seeded_and_replays(family, tiny, tmp_path):
     assert back.token_ids == adv.token_ids and back.prompts == adv.prompts and back.seeds == adv.seeds
     with torch.no_grad():
         assert torch.equal(back.encode(adapter, back.prompts).embeds, adv.encode(adapter, adv.prompts).embeds)
-    edit.apply(pipe)
-    try:
-        for i in range(2):
-            im = generate(pipe, back.prompts[i], n=1, seed=back.seeds[i], adversarial=back, **SAMPLING)[0]
-            assert np.array_equal(np.asarray(im), r.attacked_images[i])
-    finally:
-        edit.revert(pipe)
+    assert_replays(pipe, edit, back, r, SAMPLING)
 
 
 def test_uda_skips_pre_attack_successes_and_stops_early(tiny, tmp_path):
     pipe = tiny["sd"]
-    edit = uce(pipe)
+    edit = uce_edit(pipe)
     kw = dict(patch=edit, seeds=range(2), sets=("target",), cache=tmp_path / "c", sampling=SAMPLING)
     # the edited model already draws the concept: nothing is attacked, the prompts stay as they are
     r = attack(pipe, "star", UnlearnDiffAtk(**TINY), judge=StubJudge(always), **kw)
@@ -196,7 +185,7 @@ def test_uda_lifts_success_against_uce_on_the_world(world_pipe, tmp_path):
     argmax prefix's after each timestep). The probe path does not reliably fall on the world (the
     straight-through gradient is too noisy to find the few helpful tokens): success comes from the
     early stop's checks, one candidate prefix per timestep."""
-    edit = uce(world_pipe)
+    edit = uce_edit(world_pipe)
     r = attack(world_pipe, "star", UnlearnDiffAtk(**UDA_WORLD), patch=edit, seeds=range(4), sets=("target",),
                cache=tmp_path / "c")
     assert r.detected_post.mean() > np.mean([it.detected_pre for it in r.items])

@@ -105,3 +105,27 @@ class RuleJudge(Judge):
                 p[:, 0], p[:, k] = 1 - prob, prob
             out[axis] = p
         return out
+
+
+def uce_edit(pipe):
+    """UCE on "star" with its published defaults: the weight edit the attack tests attack."""
+    import erasekit
+    from erasekit.adapters import get_adapter
+    from erasekit.methods import get_method
+
+    return get_method("uce")().fit(get_adapter(pipe), [erasekit.ConceptSpec("star")])
+
+
+def assert_replays(pipe, edit, adversarial, result, sampling: dict, n: int = 2) -> None:
+    """Regenerating the first ``n`` attacked prompts with ``adversarial`` (an artefact read back from
+    disk) under ``edit`` gives the attack's images bit for bit; the pipeline is left as it was."""
+    from erasekit.generate import generate
+
+    edit.apply(pipe)
+    try:
+        for i in range(n):
+            im = generate(pipe, adversarial.prompts[i], n=1, seed=adversarial.seeds[i], adversarial=adversarial,
+                          **sampling)[0]
+            assert np.array_equal(np.asarray(im), result.attacked_images[i]), i
+    finally:
+        edit.revert(pipe)
