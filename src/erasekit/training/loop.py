@@ -409,9 +409,6 @@ def run_training(trainable: Trainable, loss_fn: Callable[[int], torch.Tensor], c
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     start, losses, wall_before = 0, [], 0.0
     identity = json.loads(json.dumps(identity))
-    if resume and (checkpoint is None or not checkpoint.exists()):
-        where = f" at {checkpoint.path}" if checkpoint is not None else " (no checkpoint path was given)"
-        raise InvalidInputError(f"there is no checkpoint to resume{where}; run without --resume")
     if checkpoint is not None and checkpoint.exists():
         if not resume:
             raise InvalidInputError(f"{checkpoint.path} holds an interrupted run; pass --resume to continue it, or "
