@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -84,3 +85,20 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "wb" / "tokenizer"))
     assert all(len(tok(w).input_ids) == 3 for w in all_words("broad"))
     assert len(tok("can you make a red striped star in front of a grass background?").input_ids) == 16
+    # a continuation (init_from) starts from that run's weights, records it, and refuses another grammar's model
+    from safetensors.torch import load_file
+
+    from erasekit.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="learned other words than grammar=templates"):
+        train_world(tmp_path / "wt", TrainConfig(init_from=str(tmp_path / "wb")), log=lambda *a, **k: None)
+    assert not (tmp_path / "wt").exists()
+    cont = TrainConfig(**{**cfg.__dict__, "unet_steps": 1, "lr": 1e-12, "te_lr": 1e-12,
+                          "init_from": str(tmp_path / "wb")})
+    train_world(tmp_path / "wc", cont, log=lambda *a, **k: None)
+    a = load_file(tmp_path / "wb" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "wc" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # lr ~0: the start is the output
+    record = json.loads((tmp_path / "wc" / "training.json").read_text())
+    assert record["init_from"]["unet_steps_done"] == 2 and record["init_from"]["folder"] == str(tmp_path / "wb")
+    assert "continued training from 2 UNet steps" in (tmp_path / "wc" / "README.md").read_text()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .classifier import evaluate_classifier, save_classifier, to_input, train_classifier
 from .render import render_batch
-from .tokenizer import make_tokenizer, write_tokenizer_files
+from .tokenizer import build_vocab, make_tokenizer, write_tokenizer_files
 from .vocab import AXES, CONCEPTS, TEMPLATES, Labels, all_words, caption, grammar_templates
 
 SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 2.0}
@@ -74,6 +74,10 @@ class TrainConfig:
                 "steps where the prompt decides colour, shape and background)"})
     reuse_classifier: str = field(default="", metadata={"help": "load this judge instead of training one"})
     reuse_vae: str = field(default="", metadata={"help": "load this VAE folder instead of training one"})
+    init_from: str = field(default="", metadata={
+        "help": "continue training: start the UNet and text encoder from this world pipeline folder (one "
+                "`world train` wrote, with this grammar's tokenizer) instead of from random weights; the "
+                "schedule (warm-up, cosine from lr) restarts, so lower lr and te_lr for a continuation"})
     max_minutes: float = field(default=115.0, metadata={"help": "stop UNet training early past this"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads (and render processes)"})
     compile: bool = field(default=False, metadata={
@@ -274,6 +278,8 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite, owned)  # fail now, not after hours of training
+    if cfg.init_from:
+        _check_init(Path(cfg.init_from), cfg.grammar)
     if classifier_out is not None:
         classifier_out = Path(classifier_out)
         check_parent(classifier_out)
@@ -339,6 +345,10 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     with torch.no_grad():  # distinct words from step 0, so the UNet can read every axis (see TrainConfig)
         text_encoder.get_input_embeddings().weight.normal_(0.0, cfg.token_init_std)
     unet = UNet2DConditionModel(**unet_config())
+    if cfg.init_from:  # continue from a finished run (checked above: same architecture and words)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder").state_dict())
+        log(f"starting the UNet and text encoder from {cfg.init_from}")
     text_encoder.to(device)
     unet.to(device)
     noise_sched = DDPMScheduler(**scheduler_kwargs())
@@ -457,6 +467,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
         "device": device_name(device),
         "classifier": {"accuracy": creport.accuracy, "ece": creport.ece, "temperature": creport.temperature},
         "reused": {"classifier": cfg.reuse_classifier, "vae": cfg.reuse_vae},
+        "init_from": cfg.init_from and _init_record(Path(cfg.init_from)),
         "classifier_on_vae_reconstructions": vae_acc,
         "probes": probes,
         "fidelity_canonical": final,
@@ -486,6 +497,32 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             shutil.copyfile(work / "classifier.safetensors", tmp_file)
     shutil.rmtree(work, ignore_errors=True)
     return card
+
+
+def _check_init(folder: Path, grammar: str) -> None:
+    """``init_from`` must be a world pipeline of this recipe's architecture whose tokenizer has exactly the
+    grammar's words (the text encoder's rows are those words' ids); one line otherwise."""
+    from ..errors import InvalidInputError
+
+    if not (folder / "unet" / "config.json").is_file() or not (folder / "text_encoder").is_dir():
+        raise InvalidInputError(f"init_from={folder} is not a world pipeline folder (no unet/ and text_encoder/); "
+                                "pass a folder `erasekit world train` wrote")
+    conf = json.loads((folder / "unet" / "config.json").read_text())
+    if any(conf.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in unet_config().items()):
+        raise InvalidInputError(f"init_from={folder} has another UNet architecture than this recipe's; "
+                                "pass a world model folder")
+    want = build_vocab(all_words(grammar))[0]
+    have = folder / "tokenizer" / "vocab.json"
+    if not have.is_file() or json.loads(have.read_text()) != want:
+        raise InvalidInputError(f"init_from={folder} learned other words than grammar={grammar}'s; "
+                                "pass a model trained with the same --set grammar")
+
+
+def _init_record(folder: Path) -> dict:
+    """What a continued run started from: the folder and its own training record's command and steps."""
+    rec = folder / "training.json"
+    prev = json.loads(rec.read_text()) if rec.is_file() else {}
+    return {"folder": str(folder), "command": prev.get("command"), "unet_steps_done": prev.get("unet_steps_done")}
 
 
 def reproduce_command(cfg: TrainConfig) -> str:
@@ -547,8 +584,14 @@ Accuracy: {', '.join(f'{a} {v:.4f}' for a, v in acc.items())}.
 
 def reused_note(card: dict) -> str:
     r = card.get("reused") or {}
-    if not (r.get("classifier") or r.get("vae")):
-        return ""
-    return ("- This run reused the judge and VAE of an earlier run of the same command and seed, stopped once "
-            f"they were saved (classifier: {bool(r.get('classifier'))}, VAE: {bool(r.get('vae'))}), so its total "
-            "time leaves out their training (see that run's log).\n")
+    note = ""
+    if r.get("classifier") or r.get("vae"):
+        note += ("- This run reused the judge and VAE of an earlier run with the same seed (the judge and VAE do "
+                 f"not depend on the caption grammar; classifier: {bool(r.get('classifier'))}, VAE: "
+                 f"{bool(r.get('vae'))}), so its total time leaves out their training (see that run's log).\n")
+    init = card.get("init_from")
+    if init:
+        note += (f"- This run continued training from {init.get('unet_steps_done')} UNet steps of "
+                 f"`{init.get('command')}`: {card['unet_steps_done']} steps more, the schedule restarted at the "
+                 "command's lr; the total time is this run's only.\n")
+    return note
