@@ -93,6 +93,13 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
     with pytest.raises(InvalidInputError, match="learned other words than grammar=templates"):
         train_world(tmp_path / "wt", TrainConfig(init_from=str(tmp_path / "wb")), log=lambda *a, **k: None)
     assert not (tmp_path / "wt").exists()
+    from erasekit.world.train import _check_init
+
+    ckpt = tmp_path / "ckpt"  # a probe's EMA checkpoint has only tokenizer.json: it can be continued too
+    build_pipeline(*(getattr(StableDiffusionPipeline.from_pretrained(tmp_path / "wb", safety_checker=None),
+                             k) for k in ("vae", "text_encoder", "tokenizer", "unet"))).save_pretrained(ckpt)
+    (ckpt / "tokenizer" / "vocab.json").unlink(missing_ok=True)
+    _check_init(ckpt, "broad")
     cont = TrainConfig(**{**cfg.__dict__, "unet_steps": 1, "lr": 1e-12, "te_lr": 1e-12,
                           "init_from": str(tmp_path / "wb")})
     train_world(tmp_path / "wc", cont, log=lambda *a, **k: None)

@@ -512,8 +512,12 @@ def _check_init(folder: Path, grammar: str) -> None:
         raise InvalidInputError(f"init_from={folder} has another UNet architecture than this recipe's; "
                                 "pass a world model folder")
     want = build_vocab(all_words(grammar))[0]
-    have = folder / "tokenizer" / "vocab.json"
-    if not have.is_file() or json.loads(have.read_text()) != want:
+    vocab_file, fast_file = folder / "tokenizer" / "vocab.json", folder / "tokenizer" / "tokenizer.json"
+    if vocab_file.is_file():
+        have = json.loads(vocab_file.read_text())
+    else:  # a probe's EMA checkpoint: save_pretrained writes only the fast tokenizer's file
+        have = json.loads(fast_file.read_text()).get("model", {}).get("vocab") if fast_file.is_file() else None
+    if have != want:
         raise InvalidInputError(f"init_from={folder} learned other words than grammar={grammar}'s; "
                                 "pass a model trained with the same --set grammar")
 
