@@ -595,7 +595,8 @@ def reused_note(card: dict) -> str:
                  f"{bool(r.get('vae'))}), so its total time leaves out their training (see that run's log).\n")
     init = card.get("init_from")
     if init:
-        note += (f"- This run continued training from {init.get('unet_steps_done')} UNet steps of "
-                 f"`{init.get('command')}`: {card['unet_steps_done']} steps more, the schedule restarted at the "
-                 "command's lr; the total time is this run's only.\n")
+        start = (f"{init.get('unet_steps_done')} UNet steps of `{init.get('command')}`" if init.get("command")
+                 else f"the weights in {init.get('folder')} (a checkpoint without a training record)")
+        note += (f"- This run continued training from {start}: {card['unet_steps_done']} steps more, the "
+                 "schedule restarted at the command's lr; the total time is this run's only.\n")
     return note
