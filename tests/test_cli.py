@@ -134,3 +134,17 @@ def test_world_train_never_writes_the_shipped_model_or_a_users_folder_unasked(tm
     assert "did not write" in _one_line_error(run("world", "train", "-o", str(mine), "--overwrite"))
     assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model_path().iterdir()) == shipped
+
+
+@pytest.mark.parametrize("device,expect", [("bogus", "unknown device"), ("meta", "not available here"),
+                                           ("cuda:99", "GPU"), ("mps", "not available")])
+def test_a_device_torch_cannot_use_is_one_line_before_loading(tmp_path: Path, device: str, expect: str):
+    """`--device cuda` on a CPU-only torch (or a device torch cannot name) used to end in a traceback from
+    inside torch; now it is one line naming the fix, and nothing is written."""
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    msg = _one_line_error(run("generate", "a red circle", "--device", device, "-o", str(tmp_path / "g.png")))
+    assert expect in msg and ("--device cpu" in msg or "use cpu" in msg), msg
+    assert not (tmp_path / "g.png").exists()

@@ -459,6 +459,8 @@ def demo(
     output: Path = typer.Option(Path("erasekit-demo"), "-o", "--output", help="Run folder to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run folder of an earlier demo "
                                    "(only a folder erasekit wrote, holding nothing else)."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the README's figures) or cuda: noise comes from CPU "
+                               "generators, so the figures agree up to float rounding."),
 ) -> None:
     """Erase a concept from the embedded world with UCE, evaluate before/after, write a report."""
     from .api import erase as erase_fn
@@ -474,7 +476,7 @@ def demo(
         axis, label = get_judge().resolve(concept)
         t0 = time.time()
         with err.status("loading the embedded world model"):
-            pipe = load_pipeline(None, device="cpu")
+            pipe = load_pipeline(None, device=device)
         spec = ConceptSpec(label, preserve=tuple(v for v in CONCEPTS[axis] if v != label))
         with err.status(f"erasing {label!r} with UCE"):
             patch = erase_fn(pipe, spec, method="uce", templates=erase_templates(axis), **UCE_WORLD)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import InvalidInputError, ModelLoadError
 from .world.assets import model_path
 
 WORLD = "world"
@@ -58,6 +58,34 @@ def sampling_defaults(model_dir: str) -> dict[str, Any]:
     return {**default, **sampling}
 
 
+def check_device(device: str | None) -> str:
+    """``--device`` as a torch device string (CUDA when present for ``None``); a device torch cannot name or
+    does not have here is a one-line error before anything is loaded, not a traceback from inside torch."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no GPU; "
+                                    "use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise InvalidInputError(f"device {device!r} asked for, but torch sees {n} GPU(s); use cuda:0..cuda:{n - 1} "
+                                    "or --device cpu")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, d.type, None)  # xpu and the like: whatever torch says it has
+        if not (backend is not None and getattr(backend, "is_available", lambda: False)()):
+            raise InvalidInputError(f"device {device!r} is not available here; use cpu, cuda, cuda:N or mps")
+    return str(d)
+
+
 def load_pipeline(model: str | os.PathLike | None = None, device: str | None = None, dtype: Any = None):
     """Load a diffusers text-to-image pipeline (the embedded world when ``model`` is None).
 
@@ -75,6 +103,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
 
     dlogging.disable_progress_bar()  # "Loading pipeline components" would interleave with our output
     tlogging.disable_progress_bar()  # and so would transformers' "Loading weights"
+    device = check_device(device)
     src = resolve_model(model)
     kwargs: dict[str, Any] = {"torch_dtype": dtype or torch.float32}
     local = Path(src).is_dir()
@@ -88,7 +117,6 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "check the folder's files" if local else "check the id, your network, or HF_HUB_OFFLINE"
         raise ModelLoadError(f"could not load model {src}: {first[:200]}; {hint}") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.erasekit_source = src  # type: ignore[attr-defined]
