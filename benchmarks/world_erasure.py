@@ -144,7 +144,7 @@ def main(family: str | None = None) -> None:
     ap.add_argument("--values", "--shapes", default=None, help="comma-separated values (default: all of the axis)")
     ap.add_argument("--no-multi", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu (the README's figures) or cuda; noise comes from CPU "
-                    "generators, so a GPU gives the same figures up to float rounding, in a fraction of the time")
+                    "generators, so a GPU should give the same figures up to float rounding")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None, help="image cache folder (default: $ERASEKIT_CACHE or ~/.cache/erasekit)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",

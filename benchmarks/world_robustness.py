@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--device", default="cpu", help="cpu (the README's figures) or cuda; noise comes from CPU "
-                    "generators, so a GPU gives the same figures up to float rounding, in a fraction of the time")
+                    "generators, so a GPU should give the same figures up to float rounding")
     ap.add_argument("--no-baseline-attacks", action="store_true",
                     help="measure the unedited model (for the drops) without attacking it")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE")
