@@ -143,8 +143,8 @@ def main(family: str | None = None) -> None:
                     help="world axis whose values are erased one at a time")
     ap.add_argument("--values", "--shapes", default=None, help="comma-separated values (default: all of the axis)")
     ap.add_argument("--no-multi", action="store_true")
-    ap.add_argument("--device", default="cpu", help="cpu (the README's figures) or cuda; noise comes from CPU "
-                    "generators, so a GPU should give the same figures up to float rounding")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the README says which made each figure); noise "
+                    "comes from CPU generators, so images agree up to float rounding, and fine-tuned edits differ a little")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None, help="image cache folder (default: $ERASEKIT_CACHE or ~/.cache/erasekit)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE",

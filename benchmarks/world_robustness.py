@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--no-paraphrase", action="store_true", help="attack and measure templated prompts only")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--cache", default=None)
-    ap.add_argument("--device", default="cpu", help="cpu (the README's figures) or cuda; noise comes from CPU "
-                    "generators, so a GPU should give the same figures up to float rounding")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the README says which made each figure); noise "
+                    "comes from CPU generators, so images agree up to float rounding, and fine-tuned edits differ a little")
     ap.add_argument("--no-baseline-attacks", action="store_true",
                     help="measure the unedited model (for the drops) without attacking it")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.KEY=VALUE")
