@@ -72,13 +72,13 @@ def test_world_trigger_detection_and_svf(world_pipe):
     hook, cond = _hook(world_pipe, prompts)
     star, circle = hook.info
     # real tokens: a photo of a star|circle. The concept token is a trigger in the star prompt and not in
-    # the circle prompt. "photo" is flagged in both: the world's 128-d encoder puts every pooled embedding
-    # near one direction (cos ~0.99 with "star"), so removing any content word moves the prompt away from
-    # the rank-1 toxic subspace by about as much (ratios 1.09-1.13 vs 1.12 for "star"); no alpha separates
-    # "star" from "photo" on this encoder.
+    # the circle prompt. "photo" (and, on the broad-grammar model, "of") is flagged in both: the world's
+    # 128-d encoder puts every pooled embedding near one direction (cos ~0.99 with "star" on the first
+    # world model), so removing any content word moves the prompt away from the rank-1 toxic subspace by
+    # about as much (ratios 1.09-1.13 vs 1.12 for "star" there); no alpha separates "star" from "photo".
     assert star.trigger[4] and not circle.trigger[4]
-    assert star.trigger.tolist() == [False, True, False, False, True]
-    assert circle.trigger.tolist() == [False, True, False, False, False]
+    assert star.trigger.tolist() == [False, True, True, False, True]
+    assert circle.trigger.tolist() == [False, True, True, False, False]
     # the hook's projected conditioning: only trigger rows (token index + 1) differ
     for i, r in enumerate(hook.info):
         rows = torch.zeros(cond.embeds.shape[1], dtype=torch.bool)

@@ -91,7 +91,8 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
     from erasekit.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="learned other words than grammar=templates"):
-        train_world(tmp_path / "wt", TrainConfig(init_from=str(tmp_path / "wb")), log=lambda *a, **k: None)
+        train_world(tmp_path / "wt", TrainConfig(init_from=str(tmp_path / "wb"), grammar="templates"),
+                    log=lambda *a, **k: None)
     assert not (tmp_path / "wt").exists()
     from erasekit.world.train import _check_init
 

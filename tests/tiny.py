@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from erasekit.evaluation.judges import Judge
 from erasekit.world.tokenizer import make_tokenizer
-from erasekit.world.vocab import AXES, CONCEPTS, find_axis
+from erasekit.world.vocab import AXES, CONCEPTS, all_words, find_axis
 
 
 def _vae() -> AutoencoderKL:
@@ -48,7 +48,7 @@ _UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in
 
 def tiny_sd(tok_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
-    tok = make_tokenizer(tok_dir)
+    tok = make_tokenizer(tok_dir, words=all_words("templates"))  # a small vocabulary: the random weights the tolerances were set on
     unet = UNet2DConditionModel(**_UNET, cross_attention_dim=32, norm_num_groups=32)
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_distinct_tokens(CLIPTextModel(CLIPTextConfig(**_text_config(tok)))),
                                    tokenizer=tok, unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
@@ -59,7 +59,7 @@ def tiny_sd(tok_dir: Path, seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_sdxl(tok_dir: Path, seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
-    tok = make_tokenizer(tok_dir)
+    tok = make_tokenizer(tok_dir, words=all_words("templates"))  # a small vocabulary: the random weights the tolerances were set on
     unet = UNet2DConditionModel(**_UNET, attention_head_dim=(2, 4),
                                 use_linear_projection=True, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),

@@ -90,8 +90,12 @@ from .base import Method, config_dict, config_from_dict
 #: unrelated axes 1.00 -> 0.83 and collateral 0.99 -> 0.74: at alpha 0.01 about half of every prompt's
 #: tokens are triggers on the world's 128-d encoder, and projecting them wipes them. alpha 0.05:
 #: star 0.19, neighbours 0.75, unrelated 1.00, collateral 0.88; alpha 0.1 catches almost no "star"
-#: token (star 0.88). Shortening SVF (up_t 4 = 10/50 of 20 steps) kept star at 0.56-0.62.
-SAFREE_WORLD: dict[str, object] = {"alpha": 0.05}
+#: token (star 0.88). Shortening SVF (up_t 4 = 10/50 of 20 steps) kept star at 0.56-0.62. That was the
+#: 7-template model. On the shipped broad-grammar model, by one rule fixed before the run (highest mean
+#: templated H over star, heart and circle on seeds 100-115, disjoint from the tables' 0-31;
+#: benchmarks/world_erasure.py on an H200): alpha 0.05 / 0.03 / 0.02 gave H 0.307 / 0.411 / 0.584
+#: (paraphrases 0.236 / 0.442 / 0.505), so 0.02.
+SAFREE_WORLD: dict[str, object] = {"alpha": 0.02}
 
 
 @dataclass(frozen=True)

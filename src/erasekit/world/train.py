@@ -86,9 +86,10 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={
         "help": "cpu, cuda or auto (cuda when present). Batches and noise come from CPU generators either way, "
                 "so a GPU run follows the CPU recipe step for step (up to float rounding)"})
-    grammar: str = field(default="templates", metadata={
-        "help": "caption grammar: templates (the 7 templates of the shipped model) or broad (BROAD_TEMPLATES: "
-                "43 templates with requests, questions, clauses; disjoint from the paraphrase family)",
+    grammar: str = field(default="broad", metadata={
+        "help": "caption grammar: broad (BROAD_TEMPLATES, the shipped model's: 43 templates with requests, "
+                "questions, clauses; disjoint from the paraphrase family) or templates (the 7 templates of "
+                "erasekit's first world model)",
         "choices": ("templates", "broad")})
     token_init_std: float = field(default=1.0, metadata={
         "help": "std of the text encoder's initial token embeddings (CLIP's 0.02 leaves all words nearly alike: "
@@ -546,6 +547,12 @@ def model_card(card: dict) -> str:
     probes = "\n".join(f"| {p['step']} | {p['minutes']:.1f} | " + " | ".join(f"{p[a]:.2f}" for a in AXES) + " |"
                        for p in card["probes"])
     acc = card["classifier"]["accuracy"]
+    stages = card.get("stages") or []
+    recipe = ("\n## Recipe: every stage\nEach stage continues the previous one's folder (`init_from`); the first "
+              "reuses the shipped judge and VAE, which do not depend on the caption grammar.\n\n"
+              "| stage | command | UNet steps | minutes |\n|---|---|---|---|\n"
+              + "\n".join(f"| {i + 1} | `{st['command']}` | {st['unet_steps']} | {st['minutes']} |"
+                          for i, st in enumerate(stages)) + "\n") if stages else ""
     return f"""# erasekit embedded world model
 
 A small text-to-image diffusion model of the procedural shapes world of `erasekit.world`,
@@ -559,7 +566,7 @@ Reproduce: `{card['command']}` (seed {card['config']['seed']}), {card['unet_step
 (timings: {card['timings_s']}). Batches, noise and timesteps come from CPU generators on every
 device, so the command without its device settings follows the same steps on a CPU, up to float
 rounding.
-
+{recipe}
 ## Fidelity (classifier agrees with the prompt; {card['fidelity_images']} images of held-out combinations)
 | axis | canonical words | synonyms |
 |---|---|---|

@@ -70,8 +70,9 @@ TEMPLATES: tuple[str, ...] = (
 #: and background before and after the shape. Every template has all four axes' slots (``drop_p``
 #: leaves axes out). Written without looking at the paraphrase family, and kept out of it: no
 #: template's frame (concept words masked) is a paraphrase frame (``tests/test_paraphrase.py``).
-#: ``erasekit world train --set grammar=broad`` trains on it; the shipped model was trained on
-#: ``TEMPLATES`` alone, and evaluation's templated prompts stay on ``TEMPLATES``.
+#: The shipped world model was trained on it (``erasekit world train``'s default grammar); erasekit's
+#: first world model was trained on ``TEMPLATES`` alone (``--set grammar=templates``). Evaluation's
+#: templated prompts stay on ``TEMPLATES``, which the broad grammar contains.
 BROAD_TEMPLATES: tuple[str, ...] = TEMPLATES + (
     "please draw a {tex}{col}{shape}{bg_on}",
     "draw a {col}{shape}{tex_pattern}{bg_with}",
@@ -124,9 +125,9 @@ _SLOT_WORDS = ("an", "on", "background", "against", "backdrop", "over", "with", 
 _BROAD_SLOT_WORDS = ("that", "is", "behind", "it", "front", "of", "coloured", "setting")
 
 
-def all_words(grammar: str = "templates") -> list[str]:
+def all_words(grammar: str = "broad") -> list[str]:
     """Every word a world caption of ``grammar`` can contain, sorted (the tokenizer's word list; the
-    default, ``templates``, is the shipped model's)."""
+    default, ``broad``, is the shipped model's; ``templates`` that of a model trained on the 7 templates)."""
     words: set[str] = set(GENERIC_NOUNS)
     for axis in CONCEPTS.values():
         for canon, syns in axis.items():
@@ -195,7 +196,8 @@ def caption(
         template: index into the grammar's templates; random when ``None``.
         synonym_p: probability that each mentioned value is replaced by a random synonym.
         drop_p: probability that each axis is left out.
-        grammar: ``templates`` (``TEMPLATES``, the shipped model's) or ``broad`` (``BROAD_TEMPLATES``).
+        grammar: ``templates`` (``TEMPLATES``: evaluation's templated prompts, erasekit's first world model's
+            captions; the default) or ``broad`` (``BROAD_TEMPLATES``, the shipped model's captions).
     """
     templates = grammar_templates(grammar)
     values = labels.as_dict() if isinstance(labels, Labels) else dict(labels)
@@ -251,34 +253,70 @@ def find_axis(word: str) -> tuple[str, str] | None:
     return None
 
 
-def erase_templates(axis: str = "shape") -> tuple[str, ...]:
+def shipped_grammar() -> str:
+    """The caption grammar the shipped world model was trained on (its ``training.json``)."""
+    import json
+    from pathlib import Path
+
+    card = Path(__file__).parent / "assets" / "world-model" / "training.json"
+    try:
+        return str(json.loads(card.read_text()).get("config", {}).get("grammar", "templates"))
+    except (OSError, ValueError):
+        return "templates"
+
+
+def _broad_frames(axis: str) -> list[str]:
+    """The broad grammar's own sentence frames with only ``axis`` filled in (``{}``): "please draw a
+    {}", "what does a {} look like?", "draw a shape in {}"... (the other axes left out, a generic
+    noun for the shape where the axis is not shape). One frame per broad template, in order, so a frame
+    that two templates share ("there is a {}", "draw a {}") comes twice and weighs twice, as it does
+    among the training captions."""
+    mark = "qqconceptqq"
+    rng = random.Random(0)
+    out = []
+    for i in range(len(TEMPLATES), len(BROAD_TEMPLATES)):
+        labels: dict[str, str | None] = {a: None for a in AXES}
+        labels[axis] = mark
+        filled = caption(labels, rng, template=i, synonym_p=0.0, grammar="broad")
+        out.append(filled.replace(mark, "{}"))
+    return out
+
+
+def erase_templates(axis: str = "shape", grammar: str | None = None) -> tuple[str, ...]:
     """Prompt templates (``{}`` = the concept) that cover how world captions use an ``axis`` value.
 
     Closed-form methods erase the rows of the prompts they are shown; world captions put
     adjectives before a shape and a background after it, so erasing over these templates
     reaches the contexts the model was trained on (as UCE's "painting by {}" does for art).
+    ``grammar`` is the caption grammar of the model (default: the shipped model's); a model trained
+    on the broad grammar also gets that grammar's request, question and clause frames, with only
+    the concept filled in. None of them is a paraphrase-family frame (``tests/test_paraphrase.py``).
     """
     if axis == "shape":
         out = ["{}", "a {}", "a photo of a {}", "an image of a {}", "a drawing of a {}", "a picture of a {}"]
         out += [f"a {c} {{}}" for c in COLOURS] + [f"a {t} {{}}" for t in TEXTURES]
         out += [f"a {{}} on a {b} background" for b in BACKGROUNDS]
-        return tuple(out)
-    if axis == "colour":
-        return tuple(["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES])
-    if axis == "texture":
-        return tuple(["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES])
-    if axis == "background":
-        return tuple(["{}", "on a {} background", "against a {} backdrop"] + [f"a {s} on a {{}} background" for s in SHAPES])
-    raise KeyError(f"unknown axis {axis!r}; known: {', '.join(AXES)}")
+    elif axis == "colour":
+        out = ["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES]
+    elif axis == "texture":
+        out = ["{}", "a {} shape", "a {} object"] + [f"a {{}} {s}" for s in SHAPES]
+    elif axis == "background":
+        out = ["{}", "on a {} background", "against a {} backdrop"] + [f"a {s} on a {{}} background" for s in SHAPES]
+    else:
+        raise KeyError(f"unknown axis {axis!r}; known: {', '.join(AXES)}")
+    if grammar_templates(grammar or shipped_grammar()) is not TEMPLATES:
+        out += [f for f in _broad_frames(axis) if f not in out]  # the 7 templates' frames are there already
+    return tuple(out)
 
 
 #: UCE settings for the world model: erase every row from the concept on (the world's captions
-#: carry the concept into later tokens) and weigh erasure over the many preserve rows. Measured on
-#: the 5729-step model, erasing "star" (24 target, 56 other-shape prompts): erase_scale 3 took the
-#: target from 0.96 to 0.04 with no drop on other shapes; 10 took 18 points off other shapes. On the
-#: shipped 10000-step model (benchmarks/world_erasure.py, 16 seeds): star 1.00 -> 0.19, heart
-#: 1.00 -> 0.06, other shapes kept at 1.00.
-UCE_WORLD: dict[str, object] = {"token": "from_last", "erase_scale": 3.0}
+#: carry the concept into later tokens) and weigh erasure over the many preserve rows. On the
+#: 7-template model erase_scale 3 took star from 0.96 to 0.04 with no drop on other shapes. On the
+#: shipped broad-grammar model, chosen by one rule fixed before the run (highest mean templated H over
+#: star, heart and circle on seeds 100-115, disjoint from the tables' 0-31; world_erasure.py on an
+#: H200): erase_scale 3 / 4 / 6 / 8 gave H 0.552 / 0.589 / 0.676 / 0.664 (paraphrases 0.674 / 0.646 /
+#: 0.666 / 0.680), so 6.
+UCE_WORLD: dict[str, object] = {"token": "from_last", "erase_scale": 6.0}
 
 #: RECE's UCE start with the same row policy. With the default ``last``, the rows it edits for a
 #: template such as "a {} on a grass background" are those of "background", not of the concept:
