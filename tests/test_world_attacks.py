@@ -25,9 +25,9 @@ def uce_star(world_pipe):
 
 
 def test_textual_inversion_brings_star_back_from_uce(world_pipe, uce_star, tmp_path):
-    # 600 steps: on the broad-grammar model the world setting's 300 leave success where it was (0.31 -> 0.31
-    # on these prompts and seeds; 600 steps: 1.00)
-    r = attack(world_pipe, "star", make_attack("textual-inversion", ["steps=600"], world=True), patch=uce_star,
+    # the world setting (600 steps); the first world setting's 300 leave success where it was on the broad-grammar
+    # model (0.31 -> 0.31 on these prompts and seeds; 600 steps: 1.00)
+    r = attack(world_pipe, "star", make_attack("textual-inversion", world=True), patch=uce_star,
                seeds=SEEDS, sets=SETS, cache=tmp_path / "c")
     rates = r.rates()["all"]
     assert rates["original"]["value"] >= 0.9

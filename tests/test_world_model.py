@@ -85,6 +85,12 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
     tok = CLIPTokenizer.from_pretrained(str(tmp_path / "wb" / "tokenizer"))
     assert all(len(tok(w).input_ids) == 3 for w in all_words("broad"))
     assert len(tok("can you make a red striped star in front of a grass background?").input_ids) == 16
+    # erasing on this model covers its grammar's frames; a model without a training record gets the 7 templates'
+    from erasekit.world.vocab import erase_templates, world_grammar
+
+    assert world_grammar(tmp_path / "wb") == "broad" and world_grammar(tmp_path) == "templates"
+    assert "please draw a {}" in erase_templates("shape", world_grammar(tmp_path / "wb"))
+    assert "please draw a {}" not in erase_templates("shape", world_grammar(tmp_path))
     # a continuation (init_from) starts from that run's weights, records it, and refuses another grammar's model
     from safetensors.torch import load_file
 

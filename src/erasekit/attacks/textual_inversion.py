@@ -130,8 +130,8 @@ def loss_summary(losses: list[float]) -> dict[str, Any]:
             "objective_by_tenth": [round(v, 6) for v in tenths]}
 
 
-#: textual inversion on the embedded world (CPU-sized): set from measurements on the first, 7-template world
-#: model (see README's robustness table). On the shipped broad-grammar model 300 steps are too few: against
-#: default UCE on star (tests/test_world_attacks.py) success stays at 0.31, and 600 steps take it to 1.00.
-#: Not re-chosen yet: the README's robustness table on that model was measured with these settings.
-TI_WORLD: dict[str, object] = {"steps": 300, "lr": 2e-2, "init_word": "shape"}
+#: textual inversion on the embedded world (CPU-sized). 300 steps were chosen on the first, 7-template world
+#: model. On the shipped broad-grammar model they are too few: against default UCE on star, on the prompts
+#: and seeds of ``tests/test_world_attacks.py``, 300 steps leave success at 0.31 (pre-attack 0.31) and 600
+#: take it to 1.00, so 600 is the smallest of the two that finds the concept an erasure left reachable.
+TI_WORLD: dict[str, object] = {"steps": 600, "lr": 2e-2, "init_word": "shape"}

@@ -253,16 +253,23 @@ def find_axis(word: str) -> tuple[str, str] | None:
     return None
 
 
-def shipped_grammar() -> str:
-    """The caption grammar the shipped world model was trained on (its ``training.json``)."""
+def world_grammar(folder=None) -> str:
+    """The caption grammar a world model was trained on, from the ``training.json`` that
+    ``erasekit world train`` writes beside it (``folder``; default: the shipped model). A folder without
+    a readable record is taken as the first recipe's ``templates``."""
     import json
     from pathlib import Path
 
-    card = Path(__file__).parent / "assets" / "world-model" / "training.json"
+    base = Path(folder) if folder is not None else Path(__file__).parent / "assets" / "world-model"
     try:
-        return str(json.loads(card.read_text()).get("config", {}).get("grammar", "templates"))
+        return str(json.loads((base / "training.json").read_text()).get("config", {}).get("grammar", "templates"))
     except (OSError, ValueError):
         return "templates"
+
+
+def shipped_grammar() -> str:
+    """The caption grammar the shipped world model was trained on."""
+    return world_grammar()
 
 
 def _broad_frames(axis: str) -> list[str]:
@@ -288,9 +295,9 @@ def erase_templates(axis: str = "shape", grammar: str | None = None) -> tuple[st
     Closed-form methods erase the rows of the prompts they are shown; world captions put
     adjectives before a shape and a background after it, so erasing over these templates
     reaches the contexts the model was trained on (as UCE's "painting by {}" does for art).
-    ``grammar`` is the caption grammar of the model (default: the shipped model's); a model trained
-    on the broad grammar also gets that grammar's request, question and clause frames, with only
-    the concept filled in. None of them is a paraphrase-family frame (``tests/test_paraphrase.py``).
+    ``grammar`` is the caption grammar of the model (default: the shipped model's; for a model you
+    trained, ``world_grammar(its_folder)``); a model trained on the broad grammar also gets that
+    grammar's request, question and clause frames, with only the concept filled in. None of them is a paraphrase-family frame (``tests/test_paraphrase.py``).
     """
     if axis == "shape":
         out = ["{}", "a {}", "a photo of a {}", "an image of a {}", "a drawing of a {}", "a picture of a {}"]
