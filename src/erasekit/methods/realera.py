@@ -57,9 +57,11 @@ class RealEra(UCE):
 
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
-        """The world's erase templates only: UCE_WORLD was measured for UCE, not for RealEra (the world
-        tables ran RealEra with its published defaults)."""
-        return Method.world_settings.__func__(cls, concepts)
+        """On the embedded world: REALERA_WORLD (UCE's row policy, erase_scale 3; chosen for RealEra, see
+        :mod:`erasekit.world.vocab`) and the world's erase templates for the concepts' axis."""
+        from ..world.vocab import REALERA_WORLD
+
+        return {**Method.world_settings.__func__(cls, concepts), **REALERA_WORLD}
 
     def moments(self, c: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> Moments:
         """UCE's moments, plus mined neighbours sent to the anchor and beyond-concept rows kept."""

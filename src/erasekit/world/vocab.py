@@ -329,4 +329,15 @@ UCE_WORLD: dict[str, object] = {"token": "from_last", "erase_scale": 6.0}
 #: template such as "a {} on a grass background" are those of "background", not of the concept:
 #: on star and heart the colour/texture/background of other prompts fell from 1.00 to 0.46 with
 #: no rounds at all (rounds=0), and to 0.48 with them; ``from_last`` keeps them at 0.98.
+#: Re-checked on the shipped broad-grammar model by the UCE rule above (mean templated H over star, heart
+#: and circle, seeds 100-115; ``world_erasure.py`` on a CPU): ``uce_erase_scale`` 1 / 3 / 6 gave H 0.636 /
+#: 0.573 / 0.461 (paraphrases 0.770 / 0.711 / 0.604), so RECE keeps its UCE start's default scale.
 RECE_WORLD: dict[str, object] = {"uce_token": "from_last"}
+
+#: RealEra on the world: UCE's row policy and a stronger erase term. Chosen on the shipped broad-grammar
+#: model by the UCE rule above (CPU): the published defaults / ``token`` from_last / from_last with
+#: ``erase_scale`` 3 gave H 0.589 / 0.382 / 0.803 (paraphrases 0.586 / 0.483 / 0.819), so the last. A
+#: candidate added after that grid, from_last with erase_scale 6, scored 0.804, equal within noise, at
+#: 25 points of unrelated prompts and 30 of collateral (unrelated 0.75, collateral 0.70 against 0.97 and
+#: 0.94); the grid's choice is kept.
+REALERA_WORLD: dict[str, object] = {"token": "from_last", "erase_scale": 3.0}
