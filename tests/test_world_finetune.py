@@ -14,11 +14,11 @@ def test_esd_command_runs_on_the_world(tmp_path, capsys):
     """The issue's two commands, with few steps: world settings are announced and used."""
     assert run(["erase", "--method", "esd", "--concept", "star", "--set", "steps=2", "-o", str(tmp_path / "p")]) == 0
     said = capsys.readouterr().out
-    assert "esd on the embedded world" in said and "lr=0.001" in said and "ddim_steps=20" in said
+    assert "esd on the embedded world" in said and "lr=0.0005" in said and "ddim_steps=20" in said
     assert "steps=60" not in said.replace("ddim_steps", "")  # what --set gave is not announced as a world setting
     edit = load_edit(tmp_path / "p")
     cfg = edit.manifest["config"]
-    assert cfg["steps"] == 2 and cfg["lr"] == 1e-3 and cfg["ddim_steps"] == 20 and len(cfg["templates"]) > 1
+    assert cfg["steps"] == 2 and cfg["lr"] == 5e-4 and cfg["ddim_steps"] == 20 and len(cfg["templates"]) > 1
     assert not (tmp_path / "p.checkpoint").exists()
     assert run(["generate", "a red star", "--patch", str(tmp_path / "p"), "-n", "2", "-o", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").is_file()
