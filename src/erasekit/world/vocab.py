@@ -267,11 +267,6 @@ def world_grammar(folder=None) -> str:
         return "templates"
 
 
-def shipped_grammar() -> str:
-    """The caption grammar the shipped world model was trained on."""
-    return world_grammar()
-
-
 def _broad_frames(axis: str) -> list[str]:
     """The broad grammar's own sentence frames with only ``axis`` filled in (``{}``): "please draw a
     {}", "what does a {} look like?", "draw a shape in {}"... (the other axes left out, a generic
@@ -297,7 +292,8 @@ def erase_templates(axis: str = "shape", grammar: str | None = None) -> tuple[st
     reaches the contexts the model was trained on (as UCE's "painting by {}" does for art).
     ``grammar`` is the caption grammar of the model (default: the shipped model's; for a model you
     trained, ``world_grammar(its_folder)``); a model trained on the broad grammar also gets that
-    grammar's request, question and clause frames, with only the concept filled in. None of them is a paraphrase-family frame (``tests/test_paraphrase.py``).
+    grammar's request, question and clause frames, with only the concept filled in. None of them is a
+    paraphrase-family frame (``tests/test_paraphrase.py``).
     """
     if axis == "shape":
         out = ["{}", "a {}", "a photo of a {}", "an image of a {}", "a drawing of a {}", "a picture of a {}"]
@@ -311,7 +307,7 @@ def erase_templates(axis: str = "shape", grammar: str | None = None) -> tuple[st
         out = ["{}", "on a {} background", "against a {} backdrop"] + [f"a {s} on a {{}} background" for s in SHAPES]
     else:
         raise KeyError(f"unknown axis {axis!r}; known: {', '.join(AXES)}")
-    if grammar_templates(grammar or shipped_grammar()) is not TEMPLATES:
+    if grammar_templates(grammar or world_grammar()) is not TEMPLATES:
         out += [f for f in _broad_frames(axis) if f not in out]  # the 7 templates' frames are there already
     return tuple(out)
 
