@@ -278,3 +278,30 @@ def test_hooks_are_removed_when_generation_raises(pipe):
             get_adapter(pipe).sample(["a star"], [torch.Generator().manual_seed(0)], 3, 5.0, hooks=[ScaleThenFail()])
     assert not getattr(pipe, "_erasekit_stack", None)
     assert hooks_on(pipe) == before
+
+
+def _world_dicts() -> dict[str, dict]:
+    """Each method's measured world settings, by method name (the methods without any have none here)."""
+    from erasekit.methods import ablating, advunlearn, concept_steerers, esd, fs_te, mace, saeuron, safree, salun, sld
+    from erasekit.world import vocab
+
+    return {"uce": vocab.UCE_WORLD, "rece": vocab.RECE_WORLD, "realera": vocab.REALERA_WORLD,
+            "speed": vocab.SPEED_WORLD, "mace": mace.MACE_WORLD, "sld": sld.SLD_WORLD, "safree": safree.SAFREE_WORLD,
+            "saeuron": saeuron.SAEURON_WORLD, "concept-steerers": concept_steerers.STEERERS_WORLD,
+            "esd": esd.ESD_WORLD, "ablating-concepts": ablating.ABLATING_WORLD, "salun": salun.SALUN_WORLD,
+            "fs-te": fs_te.FSTE_WORLD, "advunlearn": advunlearn.ADVUNLEARN_WORLD}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_world_settings_are_valid_and_hold_the_measured_ones(name):
+    """What `erasekit erase` applies on the world for a shape: valid settings of the method, holding the
+    method's measured world dict (the README's tables are at these)."""
+    from erasekit.concepts import ConceptSpec
+
+    cls = get_method(name)
+    world = cls.world_settings([ConceptSpec("star")])
+    want = _world_dicts().get(name, {})
+    assert {k: world.get(k) for k in want} == want
+    cls(**world)  # they are valid settings
+    if "templates" in world:
+        assert len(world["templates"]) > 1 and all("{}" in t for t in world["templates"])

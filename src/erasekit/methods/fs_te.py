@@ -59,7 +59,12 @@ def _layer_index(name: str) -> int | None:
 #: Few-shot text-encoder unlearning on the embedded world (chosen on star, 16 + 18 training-template images:
 #: star 1.00 -> 0.06, other shapes 1.00 -> 1.00). Gradient ascent on a text encoder that learned a small
 #: language is touchy: lr 1e-3 for 40 steps also took other shapes to 0.14; 1e-4 for 20 did nothing.
-FSTE_WORLD: dict[str, object] = {"steps": 20, "lr": 3e-4, "n_images": 8}
+#: Re-chosen on the shipped broad-grammar model by the rule of ``UCE_WORLD`` (highest mean templated H over
+#: star, heart and circle, seeds 100-115; ``world_erasure.py`` on a CPU): 20 / 10 / 40 steps at lr 3e-4
+#: gave H 0.242 / 0.000 / 0.599 (paraphrases 0.165 / 0.030 / 0.582), so 40; 80, tried after because 40
+#: was the grid's edge, gave 0.540 (unrelated prompts 0.42). At 40 steps heart is not erased at all
+#: (1.00) and star's unrelated prompts fall to 0.50: the rule's choice, not a good one.
+FSTE_WORLD: dict[str, object] = {"steps": 40, "lr": 3e-4, "n_images": 8}
 
 
 class FewShotTextEncoder(FineTuneMethod):

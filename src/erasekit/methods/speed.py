@@ -59,6 +59,14 @@ class SPEED(ClosedFormMethod):
     description = "SPEED: null-space-constrained closed-form edit with prior filtering, augmentation, equality constraints"
     Config = SPEEDConfig
 
+    @classmethod
+    def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
+        """On the embedded world: SPEED_WORLD (K and V, not the official V alone; ``--set edit=v`` gives
+        the official behaviour) and the world's erase templates for the concepts' axis."""
+        from ..world.vocab import SPEED_WORLD
+
+        return {**super().world_settings(concepts), **SPEED_WORLD}
+
     def solve(self, cfg: SPEEDConfig, adapter: Any, concepts: list[ConceptSpec], layers: Layers, timer: Timer) -> Solution:
         erased = [p for c in concepts for p in c.erase_phrases]
         pb = encode_problem(adapter, concepts, cfg.templates, timer,
