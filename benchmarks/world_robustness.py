@@ -13,7 +13,9 @@ keeping neighbour and unrelated drops <= 5 points. Printed, and written as CSV.
     python benchmarks/world_robustness.py [--concept star] [--methods uce,esd] [--attacks textual-inversion]
         [--seeds 0-31] [--attack-seeds 0-7] [--out bench-out]
 
-Fitted patches are kept under OUT/patches and reused by a later run with the same settings.
+Fitted patches are kept under OUT/patches and reused by a later run with the same settings. The CSV
+keeps what earlier runs into the same OUT wrote for other (method, attack) pairs, so runs of subsets
+add up to one table; a pair measured again is replaced.
 """
 
 from __future__ import annotations
@@ -140,11 +142,27 @@ def main() -> None:
         drops = max(v for r in mine for k, v in r.items() if k.startswith("drop_"))
         ok = worst <= GOAL_POST and drops <= GOAL_DROP
         print(f"  {method:<18} worst post-attack {worst:.2f}, largest drop {drops:+.2f}: {'MEETS' if ok else 'misses'}")
-    with open(out / f"world_robustness_{args.concept}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    path = out / f"world_robustness_{args.concept}.csv"
+    kept_rows = merge_rows(path, rows)
+    print(f"wrote {path} ({time.time() - t0:.0f}s; {len(rows)} rows from this run, "
+          f"{len(kept_rows) - len(rows)} kept from earlier runs into the same folder)")
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Write ``rows`` into the CSV at ``path``, keeping the rows an earlier run wrote there for other
+    (method, attack) pairs, so that runs of method or attack subsets into one folder add up to one
+    table. This run's rows replace earlier ones for the same pair. Written atomically."""
+    old = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+    mine = {(r["method"], r["attack"]) for r in rows}
+    merged = [r for r in old if (r["method"], r["attack"]) not in mine] + rows
+    fields = list(dict.fromkeys(k for r in merged for k in r))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out / f'world_robustness_{args.concept}.csv'} ({time.time() - t0:.0f}s)")
+        w.writerows(merged)
+    os.replace(tmp, path)
+    return merged
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""benchmarks/world_robustness.py: runs of method or attack subsets into one folder add up to one CSV."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_robustness.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("world_robustness_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_second_run_adds_its_rows_and_replaces_only_the_pairs_it_measured(tmp_path):
+    merge = _bench().merge_rows
+    path = tmp_path / "world_robustness_star.csv"
+    first = [{"method": "esd", "attack": "textual-inversion", "post": 0.8, "p_neighbours_kept": 0.9},
+             {"method": "esd", "attack": "concept-arithmetic", "post": 0.3, "p_neighbours_kept": 0.9}]
+    merge(path, first)
+    second = [{"method": "esd", "attack": "concept-arithmetic", "post": 0.1},  # measured again: replaces
+              {"method": "esd", "attack": "p4d", "post": 0.0}]
+    merge(path, second)
+    got = {(r["method"], r["attack"]): r for r in csv.DictReader(open(path))}
+    assert set(got) == {("esd", "textual-inversion"), ("esd", "concept-arithmetic"), ("esd", "p4d")}
+    assert float(got["esd", "textual-inversion"]["post"]) == 0.8  # the first run's row is kept
+    assert float(got["esd", "concept-arithmetic"]["post"]) == 0.1 and got["esd", "p4d"]["p_neighbours_kept"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
