@@ -63,7 +63,8 @@ def _layer_index(name: str) -> int | None:
 #: star, heart and circle, seeds 100-115; ``world_erasure.py`` on a CPU): 20 / 10 / 40 steps at lr 3e-4
 #: gave H 0.242 / 0.000 / 0.599 (paraphrases 0.165 / 0.030 / 0.582), so 40; 80, tried after because 40
 #: was the grid's edge, gave 0.540 (unrelated prompts 0.42). At 40 steps heart is not erased at all
-#: (1.00) and star's unrelated prompts fall to 0.50: the rule's choice, not a good one.
+#: (1.00) and star's unrelated prompts fall to 0.50 on these seeds (0.61 on the README table's): the
+#: rule's choice, at a real cost.
 FSTE_WORLD: dict[str, object] = {"steps": 40, "lr": 3e-4, "n_images": 8}
 
 

@@ -75,7 +75,8 @@ def saliency_mask(grads: dict[str, torch.Tensor], ratio: float) -> tuple[dict[st
 #: Re-chosen on the shipped broad-grammar model by the rule of ``UCE_WORLD`` (highest mean templated H over
 #: star, heart and circle, seeds 100-115; ``world_erasure.py`` on a CPU): lr 1e-4 / 5e-5 / 2e-4 gave H
 #: 0.896 / 0.378 / 0.918 (paraphrases 0.892 / 0.412 / 0.920), so 2e-4; 4e-4, tried after because 2e-4 was
-#: the grid's edge, gave 0.870. At 2e-4 the other shapes keep only 0.77 (0.69 on paraphrases).
+#: the grid's edge, gave 0.870. At 2e-4 the other shapes keep only 0.77 on these seeds (0.69 on
+#: paraphrases; star on the README table's seeds 0.84).
 SALUN_WORLD: dict[str, object] = {"steps": 40, "lr": 2e-4, "batch_size": 4, "n_images": 32}
 
 
