@@ -245,10 +245,69 @@ def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkey
                                                                progress=False)
 
 
+def _esd_rows_for(sd, concepts, **kw):
+    a = get_adapter(sd)
+    m = ESD(**dict(FAST, steps=8, ddim_steps=6, **kw))
+    tr = Trainable(sd, select_params(a, "x"), rank=0, seed=0)
+    try:
+        state = m.prepare(a, concepts, tr)
+        return m._draw(a, state, tr, 0), state
+    finally:
+        tr.close()
+
+
+def test_esd_preservation_draws_its_own_prompts_and_frozen_targets(sd):
+    """preserve_weight > 0 adds preserve prompts and the frozen model's predictions on them at the same x_t;
+    every other draw stays what it was without the term, and the targets are the untrained model's."""
+    concepts = [ConceptSpec("star", preserve=("a heart", "a circle"))]
+    plain, _ = _esd_rows_for(sd, concepts, prefetch=4, batch_size=2)
+    kept, state = _esd_rows_for(sd, concepts, prefetch=4, batch_size=2, preserve_weight=1.0)
+    assert plain.keep is None and plain.f_keep is None
+    for field_ in ("x", "t", "prompt", "f_uncond", "f_concept"):
+        assert torch.equal(getattr(plain, field_), getattr(kept, field_)), field_
+    assert state["keep"] == ["a heart", "a circle"]
+    assert set(kept.keep.tolist()) == {0, 1}  # 8 rows: both prompts drawn with this seed
+    a = get_adapter(sd)
+    with torch.no_grad():
+        direct = a.predict_noise(kept.x, kept.t, state["enc_keep"].index(kept.keep.tolist()))
+    assert torch.allclose(direct, kept.f_keep, atol=1e-5)
+    # without neighbour or preserve prompts the empty prompt is what is kept (as UCE preserves "")
+    _, bare = _esd_rows_for(sd, [ConceptSpec("star")], prefetch=4, preserve_weight=1.0)
+    assert bare["keep"] == [""]
+
+
+def test_esd_preservation_term_is_zero_at_the_start_and_pulls_to_the_frozen_model(sd):
+    """At step 0 the trained model is the frozen one, so the term adds nothing; once the weights move, the
+    loss is ESD's plus preserve_weight x the distance of the preserve prompt's prediction from the frozen
+    model's at the same x_t (what the term is; whether it keeps neighbours is measured on the world)."""
+    a = get_adapter(sd)
+    concepts = [ConceptSpec("star", preserve=("a heart",))]
+    tr = Trainable(sd, select_params(a, "x"), rank=0, seed=0)
+    try:
+        plain, kept = ESD(**FAST, batch_size=2), ESD(**FAST, batch_size=2, preserve_weight=2.0)
+        s_plain, s_kept = plain.prepare(a, concepts, tr), kept.prepare(a, concepts, tr)
+        with torch.no_grad():
+            assert float(plain.loss(a, s_plain, tr, 0)) == pytest.approx(float(kept.loss(a, s_kept, tr, 0)), rel=1e-5)
+            for p in tr.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            rows = s_kept["rows"]
+            sl = slice(0, 2)
+            moved = a.predict_noise(rows.x[sl], rows.t[sl], s_kept["enc_keep"].index(rows.keep[sl].tolist()))
+            term = torch.nn.functional.mse_loss(moved.float(), rows.f_keep[sl].float())
+            assert float(term) > 0
+            assert float(kept.loss(a, s_kept, tr, 0)) == pytest.approx(
+                float(plain.loss(a, s_plain, tr, 0)) + 2.0 * float(term), rel=1e-4)
+    finally:
+        tr.close()
+    e = ESD(**FAST, preserve_weight=1.0).fit(a, concepts, progress=False)
+    assert e.manifest["esd_preserve_prompts"] == 1 and e.manifest["config"]["preserve_weight"] == 1.0
+
+
 def test_esd_options_run(sd):
     """erase_from, CompVis sampling with the trained model, and mixed precision take their own paths."""
     a = get_adapter(sd)
     for kw in (dict(erase_from="a heart"), dict(xt_from="trained"), dict(mixed_precision="bf16"),
+               dict(preserve_weight=1.0, xt_from="trained"), dict(preserve_weight=1.0, trajectory_reuse=2),
                dict(params="u", rank=1), dict(gradient_checkpointing=True), dict(trajectory_reuse=3, batch_size=2)):
         e = ESD(**dict(FAST, steps=2), **kw).fit(a, [ConceptSpec("star")], progress=False)
         assert e.tensors() and all(torch.isfinite(t).all() for t in e.tensors().values()), kw

@@ -26,6 +26,14 @@ Where the official codes disagree (../shared/METHODS.md §2.1), and what we chos
   default η = 2 is the paper's η = 1. ``negative_guidance = η_diffusers − 1`` gives its objective.
   It also runs everything in bf16 (hard-coded); here precision is ``mixed_precision``.
 
+Preservation (ours, off by default as in the paper and both official codes, which have none): with
+``preserve_weight = λ > 0`` each example also draws one of the concepts' neighbour/preserve prompts
+p (every phrase in every template; the empty prompt when the concepts name none, as UCE preserves "")
+and adds ``λ ‖θ(x_t, p, t) − f(x_t, p, t)‖²`` at the same x_t: the erasure's change is pulled back where
+it leaks into the kept concepts. It costs one frozen call per example and doubles the trained call's
+batch, not another trajectory; its draws come from their own stream, so turning it on changes no
+other draw.
+
 Engineering (same draws, less work): ``prefetch`` steps' trajectories are sampled as one batch by
 the frozen model (rows leave the batch at their stopping step; every draw depends on the seed and
 the step only, so ``prefetch`` changes what is computed together, not what is drawn), and the frozen predictions the loss
@@ -86,6 +94,15 @@ class ESDConfig(TrainingConfig):
     templates: tuple[str, ...] = field(default=("{}",), metadata={
         "help": "prompt templates the concept is put into ({} = phrase); one is drawn per example",
         "min_items": 1, "each_contains": "{}"})
+    preserve_weight: float = field(default=0.0, metadata={
+        "help": "weight of a preservation term (0 = off, as the paper and both official codes): at each x_t the "
+                "trained model, conditioned on one of the concepts' neighbour/preserve prompts (the empty prompt "
+                "when there are none), is pulled to the frozen model's prediction", "min": 0.0})
+
+
+def draw_keep(seed: int, step: int, batch: int, n_keep: int) -> torch.Tensor:
+    """Step ``step``'s preserve prompt indices (their own stream: turning the term on changes no other draw)."""
+    return torch.randint(n_keep, (batch,), generator=step_generator(seed, "esd-preserve", step))
 
 
 def draw_example(seed: int, step: int, batch: int, n_prompts: int, ddim_steps: int,
@@ -100,7 +117,8 @@ def draw_example(seed: int, step: int, batch: int, n_prompts: int, ddim_steps: i
 @dataclass
 class _Rows:
     """A chunk of examples: x_t, timesteps, prompt indices and the frozen model's predictions at x_t
-    unconditioned, on the concept prompt, and on the ``erase_from`` prompt (None without one)."""
+    unconditioned, on the concept prompt, and on the ``erase_from`` prompt (None without one); with
+    ``preserve_weight``, the preserve prompt indices and the frozen predictions on them."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -108,6 +126,8 @@ class _Rows:
     f_uncond: torch.Tensor
     f_concept: torch.Tensor
     f_source: torch.Tensor | None
+    keep: torch.Tensor | None = None
+    f_keep: torch.Tensor | None = None
 
 
 #: ESD-x on the embedded world (chosen on star with training-template prompts, 24 + 24 images: detection
@@ -154,10 +174,15 @@ class ESD(FineTuneMethod):
                        for t in cfg.templates]
         else:
             sources = prompts
-        adapter.check_length(prompts + sources)
+        keep: list[str] = []
+        if cfg.preserve_weight > 0:  # every neighbour/preserve phrase in every template; "" without any
+            keep = list(dict.fromkeys(" ".join(t.replace("{}", k).split()) for c in concepts for k in c.keep_phrases
+                                      for t in cfg.templates)) or [""]
+        adapter.check_length(prompts + sources + keep)
         with torch.no_grad():
             enc = adapter.encode(prompts, unique=False)
             enc_src = adapter.encode(sources, unique=False) if cfg.erase_from else enc
+            enc_keep = adapter.encode(keep, unique=False) if keep else None
             uncond = adapter.uncond(1)
         sched = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
         sched.set_timesteps(cfg.ddim_steps, device=adapter.device)
@@ -166,7 +191,7 @@ class ESD(FineTuneMethod):
         shape = (unet.config.in_channels, size[0] // adapter.pipe.vae_scale_factor,
                  size[1] // adapter.pipe.vae_scale_factor)
         return {"prompts": prompts, "enc": enc, "enc_src": enc_src, "uncond": uncond, "sched": sched,
-                "shape": shape, "chunk": None, "rows": None}
+                "shape": shape, "chunk": None, "rows": None, "keep": keep, "enc_keep": enc_keep}
 
     # ------------------------------------------------------------------ data
     def _chunk_size(self) -> int:
@@ -175,6 +200,21 @@ class ESD(FineTuneMethod):
 
     def _draw(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
         """Sample the x_t of every example of ``chunk`` (seeded by the seed and the chunk alone)."""
+        rows = self._draw_xt(adapter, state, trainable, chunk)
+        cfg: ESDConfig = self.config
+        if state["enc_keep"] is None:
+            return rows
+        size, b = self._chunk_size(), cfg.batch_size
+        first, end = chunk * size, min((chunk + 1) * size, cfg.steps)
+        rows.keep = torch.cat([draw_keep(cfg.seed, step, b, len(state["keep"])) for step in range(first, end)])
+        at = max(cfg.prefetch, 1) * b  # frozen calls no larger than the trajectories' batches
+        with trainable.frozen():
+            rows.f_keep = torch.cat([adapter.predict_noise(rows.x[i:i + at], rows.t[i:i + at],
+                                                           state["enc_keep"].index(rows.keep[i:i + at].tolist()))
+                                     for i in range(0, len(rows.x), at)]).to(rows.x.dtype)
+        return rows
+
+    def _draw_xt(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
         cfg: ESDConfig = self.config
         size, b = self._chunk_size(), cfg.batch_size
         reuse = cfg.trajectory_reuse if cfg.xt_from == "frozen" else 1
@@ -258,9 +298,16 @@ class ESD(FineTuneMethod):
         base = rows.f_source[sl] if rows.f_source is not None else rows.f_uncond[sl]
         target = base - eta * (rows.f_concept[sl] - rows.f_uncond[sl])
         cond = (state["enc_src"] if cfg.erase_from else state["enc"]).index(idx)
-        pred = adapter.predict_noise(rows.x[sl], rows.t[sl], cond)  # DDIM's model input is x_t itself
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        x, t = rows.x[sl], rows.t[sl]  # DDIM's model input is x_t itself
+        if rows.f_keep is None:
+            pred = adapter.predict_noise(x, t, cond)
+            return torch.nn.functional.mse_loss(pred.float(), target.float())
+        keep = state["enc_keep"].index(rows.keep[sl].tolist())  # one call for both terms
+        pred, pred_keep = adapter.predict_noise(torch.cat([x, x]), torch.cat([t, t]), Encoded.cat([cond, keep])).chunk(2)
+        return (torch.nn.functional.mse_loss(pred.float(), target.float())
+                + cfg.preserve_weight * torch.nn.functional.mse_loss(pred_keep.float(), rows.f_keep[sl].float()))
 
     def extra_manifest(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"esd_prompts": len(state["prompts"])}
+        return {"esd_prompts": len(state["prompts"]), **({"esd_preserve_prompts": len(state["keep"])}
+                                                         if state["keep"] else {})}
 
