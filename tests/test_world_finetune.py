@@ -16,12 +16,24 @@ def test_esd_command_runs_on_the_world(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "esd on the embedded world" in said and "lr=0.0005" in said and "ddim_steps=20" in said
     assert "steps=60" not in said.replace("ddim_steps", "")  # what --set gave is not announced as a world setting
+    assert "preserve_weight=1.0" in said and "preserving the world's other shapes for 'star'" in said
     edit = load_edit(tmp_path / "p")
     cfg = edit.manifest["config"]
     assert cfg["steps"] == 2 and cfg["lr"] == 5e-4 and cfg["ddim_steps"] == 20 and len(cfg["templates"]) > 1
+    # without --preserve the concept keeps the world's other shapes, as the world benchmarks pass them
+    others = [v for v in CONCEPTS["shape"] if v != "star"]
+    assert edit.manifest["concepts"][0]["neighbours"] == others
+    assert edit.manifest["esd_preserve_prompts"] == len({" ".join(t.replace("{}", v).split()) for v in others
+                                                         for t in cfg["templates"]})
     assert not (tmp_path / "p.checkpoint").exists()
     assert run(["generate", "a red star", "--patch", str(tmp_path / "p"), "-n", "2", "-o", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").is_file()
+    # --preserve (or a concepts file's neighbours) replaces them; a concept off the world's axes gets none
+    assert run(["erase", "--method", "esd", "--concept", "star", "--preserve", "heart", "--set", "steps=1",
+                "-o", str(tmp_path / "q")]) == 0
+    assert "preserving the world's" not in capsys.readouterr().out
+    assert load_edit(tmp_path / "q").manifest["concepts"][0] == {"target": "star", "anchor": "", "synonyms": [],
+                                                                 "neighbours": [], "preserve": ["heart"]}
 
 
 @pytest.mark.slow

@@ -104,6 +104,32 @@ def generate(
     out.print(f"wrote {output} ({n} images, seeds {seed}..{seed + n - 1}, {time.time() - t0:.1f}s)")
 
 
+def _world_neighbours(specs: list) -> tuple[list, list[str]]:
+    """On the embedded world, a concept given without neighbour or preserve prompts keeps the other values
+    of its axis (what the world benchmarks and the demo pass), leaving out every erased concept and every
+    anchor; returns the concepts and the lines that say so. Concepts off the world's axes stay as they are."""
+    import dataclasses
+
+    from .world.vocab import CONCEPTS, find_axis
+
+    def canonical(word: str) -> str:
+        found = find_axis(word) if word else None
+        return found[1] if found is not None else word.lower()
+
+    taken = {canonical(w) for c in specs for w in (*c.erase_phrases, c.anchor) if w}
+    kept, said = [], []
+    for c in specs:
+        found = find_axis(c.target)
+        if c.keep_phrases or found is None:
+            kept.append(c)
+            continue
+        keep = tuple(v for v in CONCEPTS[found[0]] if v not in taken)
+        kept.append(dataclasses.replace(c, neighbours=keep))
+        said.append(f"preserving the world's other {found[0]}s for {c.target!r}: {', '.join(keep)} (as the world "
+                    "benchmarks do; --preserve to choose)")
+    return kept, said
+
+
 @app.command()
 def erase(
     concept: list[str] = typer.Option([], "--concept", "-c", help="Phrase to erase (repeatable)."),
@@ -143,6 +169,7 @@ def erase(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         cls = get_method(method)
+        specs, kept_said = _world_neighbours(specs) if model in (None, "world") else (specs, [])
         world = cls.world_settings(specs) if model in (None, "world") else {}
         cfg = apply_overrides(cls.Config(**world), set_)
         if resume and not issubclass(cls, FineTuneMethod):
@@ -154,6 +181,8 @@ def erase(
             out.print(f"{cls.name} on the embedded world: " + ", ".join(
                 f"{k}={v!r}" if k != "templates" else f"templates=({len(v)} world erase templates)"
                 for k, v in world.items() if k not in mine) + " (--set to override)")
+        for line in kept_said:
+            out.print(line)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         from .adapters import get_adapter
