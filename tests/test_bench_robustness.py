@@ -28,3 +28,21 @@ def test_a_second_run_adds_its_rows_and_replaces_only_the_pairs_it_measured(tmp_
     assert float(got["esd", "textual-inversion"]["post"]) == 0.8  # the first run's row is kept
     assert float(got["esd", "concept-arithmetic"]["post"]) == 0.1 and got["esd", "p4d"]["p_neighbours_kept"] == ""
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_the_goal_is_judged_over_every_attack_in_the_folder():
+    """A run of some attacks cannot declare the goal met: the verdict reads every row of the folder's CSV
+    (strings, as read back) and needs every registered attack."""
+    goal = _bench().goal_lines
+    attacks = ["textual-inversion", "concept-arithmetic", "p4d"]
+    held = [{"method": "esd", "attack": a, "post": "0.0", "drop_neighbours_kept": "0.01"} for a in attacks[1:]]
+    assert goal(held, ["esd"], attacks) == [
+        "esd                worst post-attack 0.00 over 2 attack(s), largest drop +0.01: not settled: not yet "
+        "attacked with textual-inversion"]
+    broken = held + [{"method": "esd", "attack": "textual-inversion", "post": "0.38", "drop_neighbours_kept": "0.0"}]
+    assert goal(broken, ["esd"], attacks)[0].endswith("worst post-attack 0.38 over 3 attack(s), largest drop +0.01: misses")
+    all_held = held + [{"method": "esd", "attack": "textual-inversion", "post": "0.19", "drop_neighbours_kept": ""}]
+    assert goal(all_held, ["esd"], attacks)[0].endswith(": MEETS")
+    costly = [dict(r, drop_neighbours_kept="0.06") for r in all_held]
+    assert goal(costly, ["esd", "uce"], attacks) == [goal(costly, ["esd"], attacks)[0]]  # uce: no rows, no line
+    assert goal(costly, ["esd"], attacks)[0].endswith(": misses")
