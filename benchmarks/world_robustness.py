@@ -153,11 +153,12 @@ def goal_lines(rows: list[dict], methods: list[str], attacks: list[str]) -> list
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        worst = max(float(r["post"]) for r in mine)
+        posts = [float(r["post"]) for r in mine]
+        worst = float("nan") if any(p != p for p in posts) else max(posts)  # NaN: nothing measured, cannot meet
         drops = max((float(v) for r in mine for k, v in r.items() if k.startswith("drop_") and v not in ("", None)),
                     default=0.0)
         missing = [a for a in attacks if a not in {r["attack"] for r in mine}]
-        verdict = "misses" if worst > GOAL_POST or drops > GOAL_DROP else \
+        verdict = "misses" if not (worst <= GOAL_POST and drops <= GOAL_DROP) else \
             f"not settled: not yet attacked with {', '.join(missing)}" if missing else "MEETS"
         out.append(f"{method:<18} worst post-attack {worst:.2f} over {len(mine)} attack(s), largest drop "
                    f"{drops:+.2f}: {verdict}")

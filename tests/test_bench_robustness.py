@@ -46,3 +46,6 @@ def test_the_goal_is_judged_over_every_attack_in_the_folder():
     costly = [dict(r, drop_neighbours_kept="0.06") for r in all_held]
     assert goal(costly, ["esd", "uce"], attacks) == [goal(costly, ["esd"], attacks)[0]]  # uce: no rows, no line
     assert goal(costly, ["esd"], attacks)[0].endswith(": misses")
+    unmeasured = all_held[:-1] + [dict(all_held[-1], post="nan")]
+    assert goal(unmeasured, ["esd"], attacks)[0].endswith(": misses")  # NaN is not under the bar, in any order
+    assert goal(unmeasured[::-1], ["esd"], attacks)[0].endswith(": misses")

@@ -125,3 +125,22 @@ def test_hook_edit_through_the_cli(tmp_path: Path):
         r = run("export", "--patch", edit_dir, "--format", fmt, "-o", tmp_path / fmt)
         assert r.exit_code != 0 and r.output.startswith("error:") and "cannot be exported" in r.output, r.output
         assert "\n" not in r.output.strip() and not (tmp_path / fmt).exists()
+
+
+def test_world_concepts_without_preserve_keep_the_other_values_of_their_axis():
+    """What `erasekit erase` on the world fills in (and says) for concepts given without --preserve: the
+    axis's other values, less every erased concept (and the world values its synonyms name) and anchor."""
+    from erasekit.cli import _world_neighbours
+    from erasekit.concepts import ConceptSpec
+    from erasekit.world.vocab import CONCEPTS
+
+    shapes = list(CONCEPTS["shape"])
+    got, said = _world_neighbours([ConceptSpec("Star")])  # case does not matter
+    assert got[0].neighbours == tuple(v for v in shapes if v != "star") and "other shapes for 'Star'" in said[0]
+    got, _ = _world_neighbours([ConceptSpec("star", anchor="circle", synonyms=("moon",)), ConceptSpec("red")])
+    assert got[0].neighbours == tuple(v for v in shapes if v not in ("star", "circle", "crescent"))
+    assert "red" not in got[1].neighbours and len(got[1].neighbours) == len(CONCEPTS["colour"]) - 1
+    given = [ConceptSpec("star", preserve=("a dog",)), ConceptSpec("Van Gogh")]  # the user's own; off the world
+    assert _world_neighbours(given) == (given, [])
+    every = [ConceptSpec(v) for v in CONCEPTS["texture"]]  # nothing left to keep: nothing is claimed
+    assert _world_neighbours(every) == (every, [])

@@ -274,6 +274,9 @@ def test_esd_preservation_draws_its_own_prompts_and_frozen_targets(sd):
     # without neighbour or preserve prompts the empty prompt is what is kept (as UCE preserves "")
     _, bare = _esd_rows_for(sd, [ConceptSpec("star")], prefetch=4, preserve_weight=1.0)
     assert bare["keep"] == [""]
+    # what one concept erases another cannot keep (as UCE refuses it)
+    with pytest.raises(InvalidInputError, match="erased by one concept and preserved by another"):
+        _esd_rows_for(sd, [ConceptSpec("star", neighbours=("heart",)), ConceptSpec("heart")], preserve_weight=1.0)
 
 
 def test_esd_preservation_term_is_zero_at_the_start_and_pulls_to_the_frozen_model(sd):

@@ -113,17 +113,17 @@ def _world_neighbours(specs: list) -> tuple[list, list[str]]:
     from .world.vocab import CONCEPTS, find_axis
 
     def canonical(word: str) -> str:
-        found = find_axis(word) if word else None
+        found = find_axis(word.lower()) if word else None
         return found[1] if found is not None else word.lower()
 
     taken = {canonical(w) for c in specs for w in (*c.erase_phrases, c.anchor) if w}
     kept, said = [], []
     for c in specs:
-        found = find_axis(c.target)
-        if c.keep_phrases or found is None:
+        found = find_axis(c.target.lower())
+        keep = tuple(v for v in CONCEPTS[found[0]] if v not in taken) if found is not None else ()
+        if c.keep_phrases or not keep:  # given by the user, off the world's axes, or every value erased
             kept.append(c)
             continue
-        keep = tuple(v for v in CONCEPTS[found[0]] if v not in taken)
         kept.append(dataclasses.replace(c, neighbours=keep))
         said.append(f"preserving the world's other {found[0]}s for {c.target!r}: {', '.join(keep)} (as the world "
                     "benchmarks do; --preserve to choose)")

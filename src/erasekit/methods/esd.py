@@ -59,7 +59,7 @@ from ..adapters import Encoded
 from ..concepts import ConceptSpec
 from ..errors import InvalidInputError
 from ..training import Trainable, TrainingConfig, step_generator
-from .closed_form import pairs
+from .closed_form import pairs, preserve_prompts
 from .finetune import FineTuneMethod, repeat_encoded, select_params
 
 
@@ -181,8 +181,7 @@ class ESD(FineTuneMethod):
             sources = prompts
         keep: list[str] = []
         if cfg.preserve_weight > 0:  # every neighbour/preserve phrase in every template; "" without any
-            keep = list(dict.fromkeys(" ".join(t.replace("{}", k).split()) for c in concepts for k in c.keep_phrases
-                                      for t in cfg.templates)) or [""]
+            keep = preserve_prompts(concepts, cfg.templates) or [""]  # refuses what another concept erases
         adapter.check_length(prompts + sources + keep)
         with torch.no_grad():
             enc = adapter.encode(prompts, unique=False)
