@@ -317,6 +317,45 @@ def test_esd_options_run(sd):
     assert get_method("esd") is ESD
 
 
+def test_esd_compile_routes_every_no_gradient_call_through_one_compiled_unet(sd, monkeypatch):
+    """compile=true sends the calls that draw x_t and the frozen predictions through torch.compile (here a
+    recording backend that runs the captured graph as is), leaves the trained pass eager, compiles once per
+    UNet across fits and batch sizes, and fits the edit the eager run fits."""
+    import erasekit.methods.esd as esd_mod
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(esd_mod, "COMPILE_BACKEND", backend)
+    monkeypatch.setattr(esd_mod, "_COMPILED", {})
+    a = get_adapter(sd)
+    calls = {"compiled": 0, "eager": 0}
+    real = a.predict_noise
+
+    def spy(*args, **kw):
+        calls["compiled" if a._unet_fn is not None else "eager"] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(a, "predict_noise", spy)
+    concepts = [ConceptSpec("star", neighbours=("heart",))]
+    kw: dict = {}  # (each further kind of no-gradient call, e.g. preserve_weight's, adds a graph and seconds)
+    plain = ESD(**FAST, **kw).fit(a, concepts, progress=False).tensors()
+    calls.update(compiled=0, eager=0)
+    fast = ESD(**FAST, **kw, compile=True).fit(a, concepts, progress=False)
+    assert fast.manifest["config"]["compile"] is True
+    assert calls["eager"] == FAST["steps"] and calls["compiled"] > calls["eager"], calls
+    for k, v in plain.items():
+        assert torch.allclose(v, fast.tensors()[k], atol=1e-6, rtol=1e-5), k
+    n = len(graphs)
+    ESD(**FAST, **kw, compile=True, seed=1).fit(a, concepts, progress=False)  # another fit on the same UNet
+    assert len(esd_mod._COMPILED) == 1  # one wrapper for the UNet, reused by the second fit
+    assert 1 <= n <= 4 and len(graphs) == n  # a dynamic batch compiles once or twice, the next fit not at all
+    assert a._unet_fn is None  # the route ends with the fit
+
+
 # ---------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def model_dir(sd, tmp_path_factory):

@@ -23,9 +23,21 @@ class SDAdapter:
     """Adapter for ``StableDiffusionPipeline``-shaped pipelines (one text encoder)."""
 
     family: ClassVar[str] = "sd"
+    _unet_fn: Any = None  # set by unet_calls(): what predict_noise calls instead of the pipeline's UNet
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+
+    @contextlib.contextmanager
+    def unet_calls(self, fn: Any) -> Iterator[None]:
+        """Inside the block, :meth:`predict_noise` calls ``fn`` (the same UNet behind ``torch.compile``, say)
+        with the UNet's arguments instead of the pipeline's UNet; ``None`` changes nothing."""
+        prev = self._unet_fn
+        self._unet_fn = fn if fn is not None else prev
+        try:
+            yield
+        finally:
+            self._unet_fn = prev
 
     @property
     def device(self) -> torch.device:
@@ -227,9 +239,10 @@ class SDAdapter:
         x = latents if uncond is None else torch.cat([latents] * 2)
         if uncond is not None and isinstance(t, torch.Tensor) and t.ndim == 1:
             t = torch.cat([t] * 2)  # one timestep per row: the same for both halves
-        out = self.pipe.unet(x, t, encoder_hidden_states=both.embeds,
-                             timestep_cond=self._timestep_cond(guidance, len(x), x.dtype),
-                             added_cond_kwargs=self._added_cond(both), return_dict=False)[0]
+        unet = self.pipe.unet if self._unet_fn is None else self._unet_fn
+        out = unet(x, t, encoder_hidden_states=both.embeds,
+                   timestep_cond=self._timestep_cond(guidance, len(x), x.dtype),
+                   added_cond_kwargs=self._added_cond(both), return_dict=False)[0]
         if uncond is None:
             return out
         out_uncond, out_cond = out.chunk(2)
