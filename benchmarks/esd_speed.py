@@ -21,7 +21,16 @@ guidance, batch, learning rate and device; what differs is engineering only:
   group's first step.
 - ``mp=bf16`` (``mixed_precision``): bf16 autocast for every forward pass of ours. Not engineering
   alone either (lower precision); the reference stays fp32, so compare it with ``prefetch=P`` rows.
-  The official ``esd_sd.py`` runs everything in bf16.
+- ``dtype=bf16``: the pipeline's weights in bf16, for the reference too (``reference,dtype=bf16``): the
+  official ``esd_sd.py`` loads both UNets in bf16 and trains in bf16, so this is the official loop at its
+  own precision, and each ``dtype=bf16`` row is compared with it (engineering alone again).
+- ``compile=1`` (ESD's ``compile``): torch.compile, dynamic batch, for the no-gradient calls (x_t's
+  trajectories and the frozen predictions); the trained pass stays eager.
+- ``cl=1``: the UNet in channels-last memory format.
+
+Each variant first runs ``--warmup`` untimed steps in its process (ours at least one batch of
+trajectories, so every batch shape, allocation and compilation has been met once): one-off costs are
+not the loop's speed, which is what a run of hundreds of steps sees.
 
 Memory: each variant runs in a fresh subprocess; on CPU the figure is the process's peak RSS (the
 loaded pipeline included, identical for all), on CUDA torch's peak allocation.
@@ -43,13 +52,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def load(kind: str, size: int, device: str):
+def load(kind: str, size: int, device: str, dtype: str = "fp32"):
     import torch
 
     from erasekit.models import load_pipeline
 
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if kind == "world":
-        return load_pipeline(None, device=device)
+        return load_pipeline(None, device=device, dtype=torch_dtype)
     # SD1.5's UNet and text-encoder shapes with random weights (timings and memory only)
     import tempfile
 
@@ -76,7 +86,7 @@ def load(kind: str, size: int, device: str):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler(prediction_type="epsilon"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(device)
+    return pipe.to(device, torch_dtype)
 
 
 def stops(seed: int, steps: int, ddim: int, n_prompts: int = 1) -> list[int]:
@@ -118,7 +128,7 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
         opt.zero_grad()
         gen = torch.Generator().manual_seed(it)
         with torch.no_grad():
-            x = torch.randn((1, base.config.in_channels, h, w), generator=gen).to(device) * sched.init_noise_sigma
+            x = torch.randn((1, base.config.in_channels, h, w), generator=gen).to(device, base.dtype) * sched.init_noise_sigma
             for k in range(till[it]):  # the pipeline's own CFG loop, stopped early
                 t = sched.timesteps[k]
                 out = base(torch.cat([x] * 2), t, encoder_hidden_states=torch.cat([null, erase])).sample
@@ -138,7 +148,7 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
 
 
 def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int,
-         reuse: int = 1, mp: str = "no") -> float:
+         reuse: int = 1, mp: str = "no", compile: bool = False) -> float:
     import torch
 
     from erasekit.adapters import get_adapter
@@ -146,7 +156,7 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
     from erasekit.methods import ESD
 
     m = ESD(steps=steps, lr=lr, negative_guidance=eta, ddim_steps=ddim, sample_guidance=guidance, prefetch=prefetch,
-            trajectory_reuse=reuse, mixed_precision=mp, params="x")
+            trajectory_reuse=reuse, mixed_precision=mp, params="x", compile=compile)
     t0 = time.perf_counter()
     m.fit(get_adapter(pipe), [ConceptSpec(concept)], progress=False)
     if pipe.unet.device.type == "cuda":
@@ -154,25 +164,54 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
     return time.perf_counter() - t0
 
 
+def parse_variant(variant: str) -> tuple[bool, dict[str, str]]:
+    """``reference[,dtype=bf16][,cl=1]`` or ``prefetch=P[,reuse=R][,mp=bf16][,dtype=bf16][,cl=1][,compile=1]``."""
+    parts = variant.split(",")
+    is_ref = parts[0] == "reference"
+    if is_ref:
+        parts = parts[1:]
+    bad = [p for p in parts if "=" not in p]
+    if bad:
+        raise SystemExit(f"variant {variant!r}: {bad[0]!r} is not KEY=VALUE")
+    kv = dict(part.split("=", 1) for part in parts)
+    allowed = {"dtype", "cl"} if is_ref else {"prefetch", "reuse", "mp", "dtype", "cl", "compile"}
+    unknown = set(kv) - allowed
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: unknown key(s) {sorted(unknown)}; use "
+                         + ("dtype=bf16, cl=1" if is_ref else "prefetch=P, reuse=R, mp=bf16, dtype=bf16, cl=1, compile=1"))
+    if kv.get("dtype", "fp32") not in ("fp32", "bf16"):
+        raise SystemExit(f"variant {variant!r}: dtype is fp32 or bf16")
+    return is_ref, kv
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    pipe = load(args.model, args.sd15_size, args.device)
+    is_ref, kv = parse_variant(args.variant)
+    pipe = load(args.model, args.sd15_size, args.device, kv.get("dtype", "fp32"))
+    if kv.get("cl") == "1":  # channels-last convolutions (the reference's trained copy inherits it)
+        pipe.unet.to(memory_format=torch.channels_last)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    common = {"concept": args.concept, "ddim": args.ddim_steps, "guidance": 3.0, "lr": args.lr, "eta": 1.0}
+
+    def run(steps: int) -> float:
+        if is_ref:
+            return reference(pipe, steps=steps, **common, till=stops(0, steps, args.ddim_steps))
+        return ours(pipe, steps=steps, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)),
+                    mp=kv.get("mp", "no"), compile=kv.get("compile") == "1")
+
+    # one-off costs (CUDA context, library handles, kernel selection, allocations, compiling) are not the loop's
+    # speed; ours warms up on at least one whole batch of trajectories, so it has met every batch shape once
+    warm = args.warmup if is_ref or not args.warmup or not args.batch_warmup else max(
+        args.warmup, int(kv.get("prefetch", 1)) * int(kv.get("reuse", 1)))
+    if warm:
+        run(warm)
     if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    common = {"concept": args.concept, "steps": args.steps, "ddim": args.ddim_steps, "guidance": 3.0, "lr": args.lr,
-              "eta": 1.0}
-    if args.variant == "reference":
-        secs = reference(pipe, **common, till=stops(0, args.steps, args.ddim_steps))
-    else:
-        kv = dict(part.split("=", 1) for part in args.variant.split(","))
-        unknown = set(kv) - {"prefetch", "reuse", "mp"}
-        if unknown:
-            raise SystemExit(f"unknown variant key(s) {sorted(unknown)}: use prefetch=P, reuse=R, mp=bf16")
-        secs = ours(pipe, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)),
-                    mp=kv.get("mp", "no"))
+    secs = run(args.steps)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0}))
@@ -192,6 +231,12 @@ def main() -> None:
     ap.add_argument("--concept", default="star")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--only", action="store_true", help="run exactly --variants (not also the fp32 reference and "
+                    "prefetch=1); a reference must be among them")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps each variant runs first in its process "
+                    "(0 = none; on CPU the peak RSS then includes them)")
+    ap.add_argument("--no-batch-warmup", dest="batch_warmup", action="store_false", help="ours warms up on "
+                    "--warmup steps too, not on at least one batch of trajectories (how the README's GPU rows ran)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved; the fastest counts "
                     "(a busy machine slows some runs)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -200,7 +245,12 @@ def main() -> None:
         args.model = "sd15"
     if args.variant:
         return child(args)
-    variants = ["reference", "prefetch=1"] + [v for v in args.variants.split() if v != "prefetch=1"]
+    variants = [] if args.only else ["reference", "prefetch=1"]
+    variants += [v for v in args.variants.split() if v not in variants]
+    if not any(parse_variant(v)[0] for v in variants):
+        raise SystemExit("--only needs a reference among --variants (reference or reference,dtype=bf16)")
+    for v in variants:
+        parse_variant(v)  # a typo fails here, before any run
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for v in variants:
@@ -209,20 +259,29 @@ def main() -> None:
             if res.returncode:
                 raise SystemExit(f"{v} failed:\n{res.stderr[-2000:]}")
             r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"  ran {v}: {args.steps / r['secs']:.3f} steps/s, peak {r['peak_mb']:.0f} MB", flush=True)
             if v not in best or r["secs"] < best[v]["secs"]:
                 best[v] = r
     rows = [best[v] for v in variants]
-    ref = rows[0]
+    # each row is compared with the reference at its weights' dtype when that reference ran, else the fp32 one
+    refs = {parse_variant(v)[1].get("dtype", "fp32"): best[v] for v in variants
+            if parse_variant(v)[0] and "cl" not in parse_variant(v)[1]}
+    if not refs:
+        raise SystemExit("no plain reference ran (reference or reference,dtype=bf16) to compare with")
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"ESD-x on {args.model} ({args.device}, {args.threads} threads): {args.steps} steps, DDIM {args.ddim_steps}, "
-          f"guidance 3, batch 1; fastest of {args.repeats} interleaved runs each")
+    print(f"ESD-x on {args.model} ({args.device}, {args.threads} threads): {args.steps} timed steps after "
+          f"{args.warmup} untimed (ours: at least one batch of trajectories), DDIM {args.ddim_steps}, guidance 3, batch 1; fastest of {args.repeats} "
+          "interleaved runs each")
     till = stops(0, args.steps, args.ddim_steps)
     print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")
-    print(f"{'variant':<20} {'steps/s':>8} {'x ref':>6} {unit:>14} {'loaded MB':>10}")
-    for r in rows:
+    print(f"{'variant':<32} {'steps/s':>8} {'x ref':>6} {'against':>16} {unit:>14} {'loaded MB':>10}")
+    for v, r in zip(variants, rows):
+        dtype = parse_variant(v)[1].get("dtype", "fp32")
+        other = next(iter(refs))
+        ref, against = (refs[dtype], f"reference {dtype}") if dtype in refs else (refs[other], f"reference {other}")
         sps = args.steps / r["secs"]
-        print(f"{r['variant']:<20} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {r['peak_mb']:14.0f} "
-              f"{r['loaded_rss_mb']:10.0f}")
+        print(f"{r['variant']:<32} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {against:>16} "
+              f"{r['peak_mb']:14.0f} {r['loaded_rss_mb']:10.0f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""benchmarks/esd_speed.py's variant grammar: a typo fails before any run, in one line."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "esd_speed.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("esd_speed_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variants_parse_and_refuse_what_they_cannot_run():
+    parse = load().parse_variant
+    assert parse("reference") == (True, {})
+    assert parse("reference,dtype=bf16") == (True, {"dtype": "bf16"})
+    assert parse("prefetch=8,dtype=bf16,compile=1") == (False, {"prefetch": "8", "dtype": "bf16", "compile": "1"})
+    for bad, why in (("reference,prefetch=8", "unknown key"), ("prefetch=8,speed=2", "unknown key"),
+                     ("prefetch=8,dtype=fp16", "dtype is fp32 or bf16"), ("prefetch", "not KEY=VALUE")):
+        with pytest.raises(SystemExit, match=why):
+            parse(bad)
+
+
+def test_only_needs_a_reference(monkeypatch):
+    mod = load()
+    monkeypatch.setattr("sys.argv", ["esd_speed.py", "--only", "--variants", "prefetch=8"])
+    with pytest.raises(SystemExit, match="needs a reference"):
+        mod.main()
