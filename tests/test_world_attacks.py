@@ -5,7 +5,9 @@ an erasure that holds on the plain prompts.
 The issue asked for the negative-prompt guard as the weak target; on the world it does not erase star
 at all (pre-attack success 0.94-1.00 at guidance 2, 4 and 7.5, measured), so there is nothing for an
 attack to raise, and UCE (pre-attack 0.31 on these prompts and seeds; 0.19 on the first, 7-template world
-model) stands in for it."""
+model) stands in for it. Textual inversion's test is slow-marked (600 inversion steps, 73 s on 2 cores), so
+the default run's attack checks on the world are P4D's objective (test_attack_p4d.py); concept arithmetic was
+tried in its place and takes minutes, not seconds."""
 
 import pytest
 
@@ -24,6 +26,7 @@ def uce_star(world_pipe):
     return get_method("uce")().fit(get_adapter(world_pipe), [erasekit.ConceptSpec("star")])
 
 
+@pytest.mark.slow  # 73 s on 2 cores: the default run's 10 minutes cannot hold it (600 inversion steps)
 def test_textual_inversion_brings_star_back_from_uce(world_pipe, uce_star, tmp_path):
     # the world setting (600 steps); the first world setting's 300 leave success where it was on the broad-grammar
     # model (0.31 -> 0.31 on these prompts and seeds; 600 steps: 1.00)
