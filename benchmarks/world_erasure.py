@@ -43,6 +43,7 @@ NEEDS_ANCHOR = {"ablating-concepts"}
 def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
     """Per method: the world settings, then ``method.key=value`` overrides, typed by its config."""
     from erasekit.config import apply_overrides
+    from erasekit.errors import InvalidInputError
 
     out = {}
     for m in methods:
@@ -52,7 +53,10 @@ def method_settings(methods: list[str], sets: list[str]) -> dict[str, dict]:
         # the method's world settings, which `erasekit erase` uses on the world too (templates are set
         # per erased value by the caller)
         base = {k: v for k, v in REGISTRY[m].world_settings([ConceptSpec("star")]).items() if k != "templates"}
-        cfg = apply_overrides(REGISTRY[m].Config(**base), mine)
+        try:
+            cfg = apply_overrides(REGISTRY[m].Config(**base), mine)
+        except InvalidInputError as e:  # one line, as the command line gives it
+            raise SystemExit(f"{m}: {e}") from None
         keys = set(base) | {s.split("=", 1)[0] for s in mine}
         out[m] = {k: getattr(cfg, k) for k in keys}
     unknown = [s for s in sets if s.split(".", 1)[0] not in out]

@@ -49,3 +49,24 @@ def test_the_goal_is_judged_over_every_attack_in_the_folder():
     unmeasured = all_held[:-1] + [dict(all_held[-1], post="nan")]
     assert goal(unmeasured, ["esd"], attacks)[0].endswith(": misses")  # NaN is not under the bar, in any order
     assert goal(unmeasured[::-1], ["esd"], attacks)[0].endswith(": misses")
+
+
+def test_rows_at_other_settings_stay_in_the_csv_but_not_in_the_verdict(tmp_path):
+    """Another run with other settings measured another patch: its rows are kept, not replaced, and the
+    verdict at the current settings reads only its own rows (an old CSV's rows have no settings)."""
+    bench = _bench()
+    path = tmp_path / "world_robustness_star.csv"
+    attacks = ["textual-inversion", "p4d"]
+    eta4, eta1 = bench.settings_key({"negative_guidance": 4.0}), bench.settings_key({"negative_guidance": 1.0})
+    assert eta4 != eta1 and bench.settings_key({"templates": ("{}",), "a": 1}) == '{"a": 1, "templates": ["{}"]}'
+    bench.merge_rows(path, [{"method": "esd", "attack": a, "post": 0.9, "drop_neighbours_kept": 0.0} for a in attacks])
+    bench.merge_rows(path, [{"method": "esd", "attack": a, "settings": eta1, "post": 0.5} for a in attacks])
+    bench.merge_rows(path, [{"method": "esd", "attack": a, "settings": eta4, "post": 0.1} for a in attacks])
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 6  # three settings (one unrecorded) x two attacks
+    line = bench.goal_lines(rows, ["esd"], attacks, {"esd": eta4})[0]
+    assert line.endswith("worst post-attack 0.10 over 2 attack(s), largest drop +0.00: MEETS "
+                         "(4 row(s) at other settings not judged)"), line
+    assert bench.goal_lines(rows, ["esd"], attacks, {"esd": bench.settings_key({})}) == [
+        "esd                not settled: 6 row(s) in the CSV are at other settings, none at these"]
+    assert bench.goal_lines(rows, ["esd"], attacks)[0].endswith(": misses")  # without settings: every row
