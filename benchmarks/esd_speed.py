@@ -179,9 +179,21 @@ def parse_variant(variant: str) -> tuple[bool, dict[str, str]]:
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown key(s) {sorted(unknown)}; use "
                          + ("dtype=bf16, cl=1" if is_ref else "prefetch=P, reuse=R, mp=bf16, dtype=bf16, cl=1, compile=1"))
-    if kv.get("dtype", "fp32") not in ("fp32", "bf16"):
-        raise SystemExit(f"variant {variant!r}: dtype is fp32 or bf16")
+    if len(kv) != len(parts):
+        raise SystemExit(f"variant {variant!r}: a key is given twice")
+    allowed_values = {"dtype": ("fp32", "bf16"), "mp": ("no", "bf16", "fp16"), "cl": ("0", "1"), "compile": ("0", "1")}
+    for k, v in kv.items():
+        if k in allowed_values and v not in allowed_values[k]:
+            raise SystemExit(f"variant {variant!r}: {k} is one of {', '.join(allowed_values[k])}")
+        if k in ("prefetch", "reuse") and not (v.isdigit() and int(v) >= 1):
+            raise SystemExit(f"variant {variant!r}: {k} is a whole number >= 1")
     return is_ref, kv
+
+
+def plain_reference(variant: str) -> bool:
+    """A reference the rows are compared with (one in channels-last is a variant of its own)."""
+    is_ref, kv = parse_variant(variant)
+    return is_ref and kv.get("cl", "0") == "0"
 
 
 def child(args: argparse.Namespace) -> None:
@@ -225,8 +237,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--variants", default="prefetch=8 prefetch=16 prefetch=4,reuse=2 prefetch=8,reuse=2 "
-                    "prefetch=4,reuse=4", help="erasekit variants to run besides prefetch=1, space-separated "
-                    "(prefetch=P[,reuse=R][,mp=bf16])")
+                    "prefetch=4,reuse=4", help="variants to run besides the fp32 reference and prefetch=1, "
+                    "space-separated: prefetch=P[,reuse=R][,mp=bf16|fp16][,dtype=bf16][,cl=1][,compile=1] (erasekit) "
+                    "or reference[,dtype=bf16][,cl=1] (the official loop)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--concept", default="star")
     ap.add_argument("--device", default="cpu")
@@ -247,10 +260,10 @@ def main() -> None:
         return child(args)
     variants = [] if args.only else ["reference", "prefetch=1"]
     variants += [v for v in args.variants.split() if v not in variants]
-    if not any(parse_variant(v)[0] for v in variants):
-        raise SystemExit("--only needs a reference among --variants (reference or reference,dtype=bf16)")
     for v in variants:
         parse_variant(v)  # a typo fails here, before any run
+    if not any(plain_reference(v) for v in variants):
+        raise SystemExit("--only needs a reference among --variants (reference or reference,dtype=bf16)")
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for v in variants:
@@ -263,14 +276,14 @@ def main() -> None:
             if v not in best or r["secs"] < best[v]["secs"]:
                 best[v] = r
     rows = [best[v] for v in variants]
-    # each row is compared with the reference at its weights' dtype when that reference ran, else the fp32 one
-    refs = {parse_variant(v)[1].get("dtype", "fp32"): best[v] for v in variants
-            if parse_variant(v)[0] and "cl" not in parse_variant(v)[1]}
-    if not refs:
-        raise SystemExit("no plain reference ran (reference or reference,dtype=bf16) to compare with")
+    # each row is compared with the reference at its weights' dtype when that reference ran, else with the
+    # first reference that ran
+    refs = {parse_variant(v)[1].get("dtype", "fp32"): best[v] for v in variants if plain_reference(v)}
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
+    warm = (f"{args.warmup} untimed" + (" (ours: at least one batch of trajectories)" if args.batch_warmup else "")
+            if args.warmup else "no untimed steps")
     print(f"ESD-x on {args.model} ({args.device}, {args.threads} threads): {args.steps} timed steps after "
-          f"{args.warmup} untimed (ours: at least one batch of trajectories), DDIM {args.ddim_steps}, guidance 3, batch 1; fastest of {args.repeats} "
+          f"{warm}, DDIM {args.ddim_steps}, guidance 3, batch 1; fastest of {args.repeats} "
           "interleaved runs each")
     till = stops(0, args.steps, args.ddim_steps)
     print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")

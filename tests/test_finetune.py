@@ -317,10 +317,13 @@ def test_esd_options_run(sd):
     assert get_method("esd") is ESD
 
 
-def test_esd_compile_routes_every_no_gradient_call_through_one_compiled_unet(sd, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, dict(rank=2, xt_from="trained")], ids=["full-frozen", "lora-trained"])
+def test_esd_compile_routes_every_no_gradient_call_through_the_compiled_unet(sd, monkeypatch, kw):
     """compile=true sends the calls that draw x_t and the frozen predictions through torch.compile (here a
-    recording backend that runs the captured graph as is), leaves the trained pass eager, compiles once per
-    UNet across fits and batch sizes, and fits the edit the eager run fits."""
+    recording backend that runs the captured graph as is), leaves the trained pass eager, does not compile
+    again for shrinking batches or a second fit, and fits the edit the eager run fits: with the trained
+    tensors swapped for their originals (full) or adapters switched off (LoRA), and with the trained model
+    sampling (xt_from=trained)."""
     import erasekit.methods.esd as esd_mod
 
     graphs = []
@@ -330,30 +333,42 @@ def test_esd_compile_routes_every_no_gradient_call_through_one_compiled_unet(sd,
         return gm.forward
 
     monkeypatch.setattr(esd_mod, "COMPILE_BACKEND", backend)
-    monkeypatch.setattr(esd_mod, "_COMPILED", {})
     a = get_adapter(sd)
     calls = {"compiled": 0, "eager": 0}
     real = a.predict_noise
 
-    def spy(*args, **kw):
+    def spy(*args, **kwargs):
         calls["compiled" if a._unet_fn is not None else "eager"] += 1
-        return real(*args, **kw)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(a, "predict_noise", spy)
     concepts = [ConceptSpec("star", neighbours=("heart",))]
-    kw: dict = {}  # (each further kind of no-gradient call, e.g. preserve_weight's, adds a graph and seconds)
     plain = ESD(**FAST, **kw).fit(a, concepts, progress=False).tensors()
-    calls.update(compiled=0, eager=0)
+    assert calls["compiled"] == 0
+    calls.update(eager=0)
     fast = ESD(**FAST, **kw, compile=True).fit(a, concepts, progress=False)
     assert fast.manifest["config"]["compile"] is True
-    assert calls["eager"] == FAST["steps"] and calls["compiled"] > calls["eager"], calls
+    assert calls["eager"] == FAST["steps"] and calls["compiled"] > calls["eager"], calls  # one trained pass a step
     for k, v in plain.items():
         assert torch.allclose(v, fast.tensors()[k], atol=1e-6, rtol=1e-5), k
     n = len(graphs)
     ESD(**FAST, **kw, compile=True, seed=1).fit(a, concepts, progress=False)  # another fit on the same UNet
-    assert len(esd_mod._COMPILED) == 1  # one wrapper for the UNet, reused by the second fit
     assert 1 <= n <= 4 and len(graphs) == n  # a dynamic batch compiles once or twice, the next fit not at all
     assert a._unet_fn is None  # the route ends with the fit
+
+
+def test_a_resume_may_switch_compile_but_not_what_is_computed():
+    """compile changes how the draws are computed, not what: a run started compiled may be resumed eagerly
+    (after a compiler failure, say); any setting that changes the objective is still refused."""
+    from erasekit.methods.base import config_dict
+    from erasekit.training.loop import _mismatch, identity_of
+
+    def ident(**kw):
+        return identity_of("esd", ESD.Config(**kw), [ConceptSpec("star")], "abc", [])
+
+    defaults = config_dict(ESD.Config())
+    assert _mismatch(ident(compile=True), ident(compile=False), defaults) is None
+    assert _mismatch(ident(compile=True), ident(compile=False, lr=1e-3), defaults) == "setting lr was 1e-05, now 0.001"
 
 
 # ---------------------------------------------------------------------------- the command line

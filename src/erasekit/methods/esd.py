@@ -40,9 +40,10 @@ the step only, so ``prefetch`` changes what is computed together, not what is dr
 needs at x_t are the two halves of the classifier-free-guidance call the trajectory makes there
 anyway, so they cost nothing extra. ``prefetch=1`` samples step by step. ``compile`` puts those
 no-gradient calls (most of ESD's arithmetic) behind ``torch.compile`` with a dynamic batch; the trained
-pass stays eager. On an H200 it cut an SD1.5-sized bf16 UNet call at batch 16 from 49 to 34 ms
-(``benchmarks/unet_forward.py``). Compiled kernels round differently, so the edit is not bit-identical
-to an eager run's.
+pass stays eager. On an H200 a static-shape compile of an SD1.5-sized bf16 channels-last UNet took a
+batch-16 call from 56.5 ms (49.1 contiguous) to 33.5 ms (``benchmarks/unet_forward.py``); ESD's own
+compiled runs are not yet timed on a GPU. Compiled kernels round differently, so the edit is not
+bit-identical to an eager run's, and a run may be resumed with ``compile`` switched either way.
 
 Less sampling (changes what is drawn; off by default): with ``trajectory_reuse=r`` the official codes'
 one trajectory per step becomes one per r consecutive steps: the steps of a group share the first
@@ -105,22 +106,13 @@ class ESDConfig(TrainingConfig):
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the UNet for the no-gradient calls that draw x_t and the frozen predictions (most of "
                 "ESD's arithmetic; the batch size may vary without recompiling); the trained pass stays eager. The "
-                "first calls compile, about a minute for SD1.5 on a GPU: for long runs on a GPU"})
+                "first calls compile (a static SD1.5-sized compile took 47 s on an H200): for long runs on a GPU"})
 
 
-COMPILE_BACKEND = "inductor"  # tests swap in "eager" (the same graph capture without code generation)
-_COMPILED: dict[int, tuple[torch.nn.Module, str, Any]] = {}
-
-
-def compiled_unet(unet: torch.nn.Module) -> Any:
-    """``torch.compile(unet)`` with a dynamic batch, made once per UNet and backend, so a later fit on the
-    same UNet reuses its compiled code instead of compiling again (torch keys compiled code to the
-    wrapper). The wrapper refers to the UNet, so a compiled UNet stays in memory for the process's life."""
-    hit = _COMPILED.get(id(unet))
-    if hit is None or hit[0] is not unet or hit[1] != COMPILE_BACKEND:
-        hit = (unet, COMPILE_BACKEND, torch.compile(unet, dynamic=True, backend=COMPILE_BACKEND))
-        _COMPILED[id(unet)] = hit
-    return hit[2]
+COMPILE_BACKEND = "inductor"  # tests swap in a recording backend (the same graph capture, run as captured)
+#: compiled graphs allowed per UNet code object while ESD draws (torch's default, 8, is shared by every UNet of
+#: the class and every setting tried in one process; past it torch runs eagerly without saying so)
+RECOMPILE_LIMIT = 64
 
 
 def draw_keep(seed: int, step: int, batch: int, n_keep: int) -> torch.Tensor:
@@ -222,7 +214,7 @@ class ESD(FineTuneMethod):
             if not hasattr(adapter, "unet_calls"):
                 raise InvalidInputError(f"compile=true needs an adapter that can route its UNet calls; "
                                         f"{type(adapter).__name__} cannot: set compile=false")
-            compiled = compiled_unet(unet)
+            compiled = torch.compile(unet, dynamic=True, backend=COMPILE_BACKEND)
         return {"prompts": prompts, "enc": enc, "enc_src": enc_src, "uncond": uncond, "sched": sched,
                 "shape": shape, "chunk": None, "rows": None, "keep": keep, "enc_keep": enc_keep,
                 "compiled": compiled}
@@ -234,8 +226,14 @@ class ESD(FineTuneMethod):
 
     def _draw(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
         """Sample the x_t of every example of ``chunk`` (seeded by the seed and the chunk alone)."""
-        with adapter.unet_calls(state.get("compiled")):  # every call here is without gradients
+        compiled = state.get("compiled")
+        if compiled is None:
             return self._draw_rows(adapter, state, trainable, chunk)
+        import torch._dynamo
+
+        limit = max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, "recompile_limit", 8))
+        with adapter.unet_calls(compiled), torch._dynamo.config.patch(recompile_limit=limit):
+            return self._draw_rows(adapter, state, trainable, chunk)  # every call here is without gradients
 
     def _draw_rows(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
         rows = self._draw_xt(adapter, state, trainable, chunk)

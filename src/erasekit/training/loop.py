@@ -307,7 +307,7 @@ def _mismatch(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, An
             was = {**(defaults or {}), **saved.get(k, {})}
             for ck in sorted(set(was) | set(now.get(k, {}))):
                 a, b = was.get(ck), now.get(k, {}).get(ck)
-                if a != b and ck != "checkpoint_every":
+                if a != b and ck not in ("checkpoint_every", "compile"):  # how, not what, it computes
                     return f"setting {ck} was {a!r}, now {b!r}"
         elif saved.get(k) != now.get(k):
             return f"{k} differs"
