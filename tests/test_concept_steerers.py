@@ -181,6 +181,7 @@ def test_registered_as_an_sae_method():
     assert m is ConceptSteerers and m.edit_kind == "hook" and m.family == "sae"
 
 
+@pytest.mark.slow  # 32 s on 2 cores (an SAE trained on the world first): kept out of the default 10 minutes
 def test_lowers_star_detection_on_the_world(world_pipe, classifier):
     """On the trained world model its world settings take stars away (at a cost to the other shapes that
     STEERERS_WORLD's comment and the README's table report; not asserted here). The SAE trains 600 steps

@@ -219,7 +219,7 @@ def test_evaluate_scores_hook_edits_and_prompt_sets_from_outside(tmp_path, world
 
     seeds = list(range(6))
     neg = erasekit.erase(world_pipe, "star", method="negative-prompt")
-    res = evaluate(world_pipe, "star", patch=neg, seeds=seeds, cache=ImageCache(tmp_path / "c"))
+    res = evaluate(world_pipe, "star", patch=neg, seeds=seeds, cache=ImageCache(tmp_path / "c"), paraphrase=False)
     m = res.concepts[0].metrics
     assert {"efficacy_patched", "specificity_neighbours_patched", "harmonic"} <= set(m)
     assert res.settings["edits"] == [{"method": "negative-prompt", "kind": "hook", "digest": neg.digest}]
