@@ -1,18 +1,11 @@
 """benchmarks/esd_speed.py's variant grammar: a typo fails before any run, in one line."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "esd_speed.py"
+from benchmod import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("esd_speed_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("esd_speed")
 
 
 def test_variants_parse_and_refuse_what_they_cannot_run():

@@ -1,17 +1,12 @@
 """benchmarks/world_robustness.py: runs of method or attack subsets into one folder add up to one CSV."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_robustness.py"
+from benchmod import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("world_robustness_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("world_robustness")
 
 
 def test_a_second_run_adds_its_rows_and_replaces_only_the_pairs_it_measured(tmp_path):
