@@ -231,8 +231,9 @@ class ESD(FineTuneMethod):
             return self._draw_rows(adapter, state, trainable, chunk)
         import torch._dynamo
 
-        limit = max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, "recompile_limit", 8))
-        with adapter.unet_calls(compiled), torch._dynamo.config.patch(recompile_limit=limit):
+        cfg = torch._dynamo.config  # the limit's name before torch 2.6 was cache_size_limit
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        with adapter.unet_calls(compiled), cfg.patch(**{name: max(RECOMPILE_LIMIT, getattr(cfg, name, 8))}):
             return self._draw_rows(adapter, state, trainable, chunk)  # every call here is without gradients
 
     def _draw_rows(self, adapter: Any, state: dict[str, Any], trainable: Trainable, chunk: int) -> _Rows:
