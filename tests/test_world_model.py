@@ -68,6 +68,7 @@ def test_generation_is_seeded(world_pipe):
     assert abs(a[1].astype(int) - c[0].astype(int)).max() <= 2
 
 
+@pytest.mark.slow  # 29-37 s on 2 cores (two short world-training runs): kept out of the default 10 minutes
 def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_path):
     """``world train --set grammar=broad``, a few steps on the shipped VAE and judge: the saved tokenizer
     is the broad one (a default one would hand the text encoder other words' ids), and every word of a
