@@ -181,13 +181,13 @@ def erase(
             out.print(f"{cls.name} on the embedded world: " + ", ".join(
                 f"{k}={v!r}" if k != "templates" else f"templates=({len(v)} world erase templates)"
                 for k, v in world.items() if k not in mine) + " (--set to override)")
-        for line in kept_said:
+        method = cls(cfg)
+        for line in kept_said if method.uses_keep_phrases() else ():
             out.print(line)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         from .adapters import get_adapter
 
-        method = cls(cfg)
         if isinstance(method, FineTuneMethod):  # its own progress bar (a status spinner would fight it)
             ckpt = output.with_name(output.name + ".checkpoint")
             if overwrite and not resume:

@@ -76,6 +76,9 @@ class AblatingConcepts(FineTuneMethod):
     description = "Ablating Concepts: the target prompt's prediction is trained onto the anchor's, on anchor images"
     Config = AblatingConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return False  # erases from the concept's prompts alone
+
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
         return {**super().world_settings(concepts), **ABLATING_WORLD}

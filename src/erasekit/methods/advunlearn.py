@@ -89,6 +89,9 @@ class AdvUnlearn(ESD):
     description = "AdvUnlearn: ESD on the text encoder against an adversarial prefix re-optimised as it trains"
     Config = AdvUnlearnConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return True  # the retain prompts include them, whatever preserve_weight (ESD's term, unused here) is
+
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
         return {**super().world_settings(concepts), **ADVUNLEARN_WORLD}

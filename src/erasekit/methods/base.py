@@ -45,6 +45,11 @@ class Method:
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         return {"templates": erase_templates(axes.pop())} if len(axes) == 1 and "templates" in fields else {}
 
+    def uses_keep_phrases(self) -> bool:
+        """Whether ``fit`` reads the concepts' neighbour/preserve prompts at these settings (the CLI says it
+        passes the world's other values as neighbours only to a method that reads them)."""
+        return True
+
     @classmethod
     def make_hooks(cls, edit: Edit, adapter: Any) -> list[Any]:
         """The sampling-loop hooks a hook edit of this method runs (hook methods override this)."""

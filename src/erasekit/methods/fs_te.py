@@ -73,6 +73,9 @@ class FewShotTextEncoder(FineTuneMethod):
     description = "Few-shot text-encoder unlearning: gradient ascent on part of the text encoder"
     Config = FSTEConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return False  # erases from the concept's prompts alone
+
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
         return dict(FSTE_WORLD)  # its own textual-inversion templates, not the world's erase templates

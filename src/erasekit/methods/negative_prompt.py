@@ -44,6 +44,9 @@ class NegativePrompt(Method):
     description = "Negative prompt: classifier-free guidance pushes away from the concept (a hook edit, no weights)"
     Config = NegativePromptConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return False  # erases from the concept's prompts alone
+
     def fit(self, adapter: Any, concepts: list[ConceptSpec]) -> Edit:
         t0 = time.perf_counter()
         prompt = guard_prompt(adapter, self.config, concepts, "negative prompt")
