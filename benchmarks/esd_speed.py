@@ -13,6 +13,10 @@ guidance, batch, learning rate and device; what differs is engineering only:
   makes there anyway (one fewer UNet call per step);
 - ``erasekit prefetch=P``: also samples P steps' trajectories as one batch, rows leaving the batch at
   their stopping step (same draws, fewer and larger UNet calls).
+- ``erasekit prefetch=P,look=L`` (``lookahead``): draws L such batches' trajectories at once and regroups
+  them by stopping step, so each batch's rows stop close together: the same draws and the same rows
+  through the UNet in fewer, fuller calls, none larger than ``prefetch=P``'s (the x_t of L*P steps wait
+  in memory: latents, a few MB at SD1.5's size).
 - ``erasekit prefetch=P,reuse=R`` (``trajectory_reuse``): one trajectory serves R consecutive steps, each
   taking x_t at its own stopping step. This changes what is sampled (the R steps' x_t are correlated;
   each keeps its distribution), so it is not engineering alone: the world erasure table with and
@@ -148,7 +152,7 @@ def reference(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: fl
 
 
 def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, eta: float, prefetch: int,
-         reuse: int = 1, mp: str = "no", compile: bool = False) -> float:
+         reuse: int = 1, mp: str = "no", compile: bool = False, lookahead: int = 1) -> float:
     import torch
 
     from erasekit.adapters import get_adapter
@@ -156,7 +160,7 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
     from erasekit.methods import ESD
 
     m = ESD(steps=steps, lr=lr, negative_guidance=eta, ddim_steps=ddim, sample_guidance=guidance, prefetch=prefetch,
-            trajectory_reuse=reuse, mixed_precision=mp, params="x", compile=compile)
+            trajectory_reuse=reuse, mixed_precision=mp, params="x", compile=compile, lookahead=lookahead)
     t0 = time.perf_counter()
     m.fit(get_adapter(pipe), [ConceptSpec(concept)], progress=False)
     if pipe.unet.device.type == "cuda":
@@ -165,7 +169,8 @@ def ours(pipe, concept: str, steps: int, ddim: int, guidance: float, lr: float, 
 
 
 def parse_variant(variant: str) -> tuple[bool, dict[str, str]]:
-    """``reference[,dtype=bf16][,cl=1]`` or ``prefetch=P[,reuse=R][,mp=bf16][,dtype=bf16][,cl=1][,compile=1]``."""
+    """``reference[,dtype=bf16][,cl=1]`` or
+    ``prefetch=P[,look=L][,reuse=R][,mp=bf16][,dtype=bf16][,cl=1][,compile=1]``."""
     parts = variant.split(",")
     is_ref = parts[0] == "reference"
     if is_ref:
@@ -174,18 +179,18 @@ def parse_variant(variant: str) -> tuple[bool, dict[str, str]]:
     if bad:
         raise SystemExit(f"variant {variant!r}: {bad[0]!r} is not KEY=VALUE")
     kv = dict(part.split("=", 1) for part in parts)
-    allowed = {"dtype", "cl"} if is_ref else {"prefetch", "reuse", "mp", "dtype", "cl", "compile"}
+    allowed = {"dtype", "cl"} if is_ref else {"prefetch", "look", "reuse", "mp", "dtype", "cl", "compile"}
     unknown = set(kv) - allowed
     if unknown:
         raise SystemExit(f"variant {variant!r}: unknown key(s) {sorted(unknown)}; use "
-                         + ("dtype=bf16, cl=1" if is_ref else "prefetch=P, reuse=R, mp=bf16, dtype=bf16, cl=1, compile=1"))
+                         + ("dtype=bf16, cl=1" if is_ref else "prefetch=P, look=L, reuse=R, mp=bf16, dtype=bf16, cl=1, compile=1"))
     if len(kv) != len(parts):
         raise SystemExit(f"variant {variant!r}: a key is given twice")
     allowed_values = {"dtype": ("fp32", "bf16"), "mp": ("no", "bf16", "fp16"), "cl": ("0", "1"), "compile": ("0", "1")}
     for k, v in kv.items():
         if k in allowed_values and v not in allowed_values[k]:
             raise SystemExit(f"variant {variant!r}: {k} is one of {', '.join(allowed_values[k])}")
-        if k in ("prefetch", "reuse") and not (v.isdigit() and int(v) >= 1):
+        if k in ("prefetch", "look", "reuse") and not (v.isdigit() and int(v) >= 1):
             raise SystemExit(f"variant {variant!r}: {k} is a whole number >= 1")
     return is_ref, kv
 
@@ -211,7 +216,7 @@ def child(args: argparse.Namespace) -> None:
         if is_ref:
             return reference(pipe, steps=steps, **common, till=stops(0, steps, args.ddim_steps))
         return ours(pipe, steps=steps, **common, prefetch=int(kv.get("prefetch", 1)), reuse=int(kv.get("reuse", 1)),
-                    mp=kv.get("mp", "no"), compile=kv.get("compile") == "1")
+                    mp=kv.get("mp", "no"), compile=kv.get("compile") == "1", lookahead=int(kv.get("look", 1)))
 
     # one-off costs (CUDA context, library handles, kernel selection, allocations, compiling) are not the loop's
     # speed; ours warms up on at least one whole batch of trajectories, so it has met every batch shape once
@@ -238,7 +243,7 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--variants", default="prefetch=8 prefetch=16 prefetch=4,reuse=2 prefetch=8,reuse=2 "
                     "prefetch=4,reuse=4", help="variants to run besides the fp32 reference and prefetch=1, "
-                    "space-separated: prefetch=P[,reuse=R][,mp=bf16|fp16][,dtype=bf16][,cl=1][,compile=1] (erasekit) "
+                    "space-separated: prefetch=P[,look=L][,reuse=R][,mp=bf16|fp16][,dtype=bf16][,cl=1][,compile=1] (erasekit) "
                     "or reference[,dtype=bf16][,cl=1] (the official loop)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--concept", default="star")

@@ -13,10 +13,11 @@ def test_variants_parse_and_refuse_what_they_cannot_run():
     assert parse("reference") == (True, {})
     assert parse("reference,dtype=bf16") == (True, {"dtype": "bf16"})
     assert parse("prefetch=8,dtype=bf16,compile=1") == (False, {"prefetch": "8", "dtype": "bf16", "compile": "1"})
+    assert parse("prefetch=8,look=8") == (False, {"prefetch": "8", "look": "8"})
     for bad, why in (("reference,prefetch=8", "unknown key"), ("prefetch=8,speed=2", "unknown key"),
                      ("prefetch=8,dtype=fp16", "dtype is one of fp32, bf16"), ("prefetch", "not KEY=VALUE"),
                      ("prefetch=8,compile=true", "compile is one of 0, 1"), ("prefetch=0", "whole number"),
-                     ("prefetch=x", "whole number"), ("prefetch=8,mp=bf61", "mp is one of"),
+                     ("prefetch=x", "whole number"), ("prefetch=8,look=0", "whole number"), ("prefetch=8,mp=bf61", "mp is one of"),
                      ("prefetch=8,prefetch=4", "given twice")):
         with pytest.raises(SystemExit, match=why):
             parse(bad)

@@ -207,6 +207,50 @@ def test_esd_batching_changes_no_draw(sd):
     assert torch.equal(torch.cat([r.t for r in one]), four.t)
 
 
+def _counting(monkeypatch, sizes: list[int]):
+    """Record the batch of every UNet call the adapter makes."""
+    from erasekit.adapters.sd import SDAdapter
+
+    real = SDAdapter.predict_noise
+
+    def counted(self, x, t, enc, *a, **kw):
+        sizes.append(len(x))
+        return real(self, x, t, enc, *a, **kw)
+
+    monkeypatch.setattr(SDAdapter, "predict_noise", counted)
+
+
+@pytest.mark.parametrize("batch, reuse, erase_from", [(1, 1, ""), (2, 1, "a heart"), (1, 2, "")])
+def test_esd_lookahead_regroups_trajectories_by_stop_without_changing_a_draw(sd, monkeypatch, batch, reuse,
+                                                                             erase_from):
+    """lookahead=L draws L batches' trajectories at once and regroups them by stopping step: every step gets
+    the x_t and frozen predictions it gets without it, no UNet call is larger than prefetch's, and the
+    batches, whose rows now stop close together, need fewer calls."""
+    kw = dict(batch_size=batch, trajectory_reuse=reuse, erase_from=erase_from, prefetch=2)
+    sizes: list[int] = []
+    _counting(monkeypatch, sizes)
+    plain = [_esd_rows(sd, chunk=c, **kw) for c in range(4 // reuse)]
+    plain_sizes = sizes.copy()
+    sizes.clear()
+    ahead = _esd_rows(sd, lookahead=4 // reuse, **kw)
+    fields = ("x", "f_uncond", "f_concept") + (("f_source",) if erase_from else ())
+    for field_ in fields:
+        assert torch.allclose(torch.cat([getattr(r, field_) for r in plain]), getattr(ahead, field_),
+                              atol=1e-3, rtol=1e-3), field_
+    for field_ in ("t", "prompt"):
+        assert torch.equal(torch.cat([getattr(r, field_) for r in plain]), getattr(ahead, field_)), field_
+    assert max(sizes) <= 2 * 2 * batch  # a guided call of prefetch=2 trajectories' rows, no more
+    assert sum(sizes) == sum(plain_sizes)  # the same rows through the UNet
+    assert len(sizes) < len(plain_sizes), (sizes, plain_sizes)
+
+
+def test_esd_lookahead_of_one_is_the_batches_as_they_were(sd):
+    """lookahead=1 (the default) leaves each batch's trajectories in step order: the same tensors as ever."""
+    one, same = _esd_rows(sd, prefetch=4), _esd_rows(sd, prefetch=4, lookahead=1)
+    for field_ in ("x", "f_uncond", "f_concept"):
+        assert torch.equal(getattr(one, field_), getattr(same, field_))
+
+
 @pytest.mark.parametrize("batch, erase_from", [(1, ""), (2, ""), (2, "a heart")])
 def test_esd_trajectory_reuse_reads_one_trajectory_at_each_steps_stop(sd, monkeypatch, batch, erase_from):
     """With trajectory_reuse=2, step 1 takes x_t from step 0's trajectory (its prompt and noise) at step 1's
