@@ -36,6 +36,8 @@ Each variant first runs ``--warmup`` untimed steps in its process (ours at least
 trajectories, so every batch shape, allocation and compilation has been met once): one-off costs are
 not the loop's speed, which is what a run of hundreds of steps sees.
 
+Each row also gives the UNet calls per step, trained passes included (not counted through ``compile``).
+
 Memory: each variant runs in a fresh subprocess; on CPU the figure is the process's peak RSS (the
 loaded pipeline included, identical for all), on CUDA torch's peak allocation.
 
@@ -210,6 +212,10 @@ def child(args: argparse.Namespace) -> None:
     if kv.get("cl") == "1":  # channels-last convolutions (the reference's trained copy inherits it)
         pipe.unet.to(memory_format=torch.channels_last)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    calls = [0]  # UNet calls (the reference's trained copy inherits the hook); not counted through torch.compile
+    counting = kv.get("compile") != "1"
+    if counting:
+        pipe.unet.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     common = {"concept": args.concept, "ddim": args.ddim_steps, "guidance": 3.0, "lr": args.lr, "eta": 1.0}
 
     def run(steps: int) -> float:
@@ -228,10 +234,12 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    calls[0] = 0
     secs = run(args.steps)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0}))
+    print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0,
+                      "calls_per_step": calls[0] / args.steps if counting else None}))
 
 
 def main() -> None:
@@ -292,14 +300,16 @@ def main() -> None:
           "interleaved runs each")
     till = stops(0, args.steps, args.ddim_steps)
     print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")
-    print(f"{'variant':<32} {'steps/s':>8} {'x ref':>6} {'against':>16} {unit:>14} {'loaded MB':>10}")
+    print(f"{'variant':<32} {'steps/s':>8} {'x ref':>6} {'against':>16} {unit:>14} {'loaded MB':>10} "
+          f"{'UNet calls/step':>15}")
     for v, r in zip(variants, rows):
         dtype = parse_variant(v)[1].get("dtype", "fp32")
         other = next(iter(refs))
         ref, against = (refs[dtype], f"reference {dtype}") if dtype in refs else (refs[other], f"reference {other}")
         sps = args.steps / r["secs"]
+        per = r.get("calls_per_step")
         print(f"{r['variant']:<32} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {against:>16} "
-              f"{r['peak_mb']:14.0f} {r['loaded_rss_mb']:10.0f}")
+              f"{r['peak_mb']:14.0f} {r['loaded_rss_mb']:10.0f} {'-' if per is None else f'{per:.2f}':>15}")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,21 @@ def test_only_needs_a_reference(monkeypatch):
         monkeypatch.setattr("sys.argv", ["esd_speed.py", "--only", "--variants", variants])
         with pytest.raises(SystemExit, match="needs a reference"):
             mod.main()
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefetch=2"])
+def test_a_row_counts_every_unet_call_of_the_timed_run(variant, capsys):
+    """calls per step: the reference's guided calls, its two frozen calls at x_t and its trained copy's
+    pass; ours, one guided call per DDIM step of the batch's longest trajectory and the trained passes."""
+    import argparse
+    import json
+
+    mod = load()
+    steps, ddim = 2, 3
+    args = argparse.Namespace(threads=1, variant=variant, model="world", sd15_size=512, device="cpu", concept="star",
+                              ddim_steps=ddim, lr=1e-5, warmup=1, batch_warmup=True, steps=steps)
+    mod.child(args)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    till = mod.stops(0, steps, ddim)
+    expected = (sum(till) + 3 * steps if variant == "reference" else max(till) + 1 + steps) / steps
+    assert row["calls_per_step"] == expected
