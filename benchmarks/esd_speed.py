@@ -300,7 +300,8 @@ def main() -> None:
           "interleaved runs each")
     till = stops(0, args.steps, args.ddim_steps)
     print(f"the same {args.steps} stopping steps for every variant (mean {sum(till) / len(till):.1f} DDIM steps)")
-    print(f"{'variant':<32} {'steps/s':>8} {'x ref':>6} {'against':>16} {unit:>14} {'loaded MB':>10} "
+    wide = max(32, *(len(v) for v in variants))
+    print(f"{'variant':<{wide}} {'steps/s':>8} {'x ref':>6} {'against':>16} {unit:>14} {'loaded MB':>10} "
           f"{'UNet calls/step':>15}")
     for v, r in zip(variants, rows):
         dtype = parse_variant(v)[1].get("dtype", "fp32")
@@ -308,7 +309,7 @@ def main() -> None:
         ref, against = (refs[dtype], f"reference {dtype}") if dtype in refs else (refs[other], f"reference {other}")
         sps = args.steps / r["secs"]
         per = r.get("calls_per_step")
-        print(f"{r['variant']:<32} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {against:>16} "
+        print(f"{r['variant']:<{wide}} {sps:8.3f} {sps / (args.steps / ref['secs']):6.2f} {against:>16} "
               f"{r['peak_mb']:14.0f} {r['loaded_rss_mb']:10.0f} {'-' if per is None else f'{per:.2f}':>15}")
 
 
