@@ -32,8 +32,8 @@ guidance, batch, learning rate and device; what differs is engineering only:
   trajectories and the frozen predictions); the trained pass stays eager.
 - ``cl=1``: the UNet in channels-last memory format.
 
-Each variant first runs ``--warmup`` untimed steps in its process (ours at least one batch of
-trajectories, so every batch shape, allocation and compilation has been met once): one-off costs are
+Each variant first runs ``--warmup`` untimed steps in its process (ours at least one chunk of
+trajectories, ``prefetch × reuse × look`` steps, so every batch shape, allocation and compilation has been met once): one-off costs are
 not the loop's speed, which is what a run of hundreds of steps sees.
 
 Each row also gives the UNet calls per step, trained passes included (not counted through ``compile``).
@@ -225,9 +225,10 @@ def child(args: argparse.Namespace) -> None:
                     mp=kv.get("mp", "no"), compile=kv.get("compile") == "1", lookahead=int(kv.get("look", 1)))
 
     # one-off costs (CUDA context, library handles, kernel selection, allocations, compiling) are not the loop's
-    # speed; ours warms up on at least one whole batch of trajectories, so it has met every batch shape once
+    # speed; ours warms up on at least one whole chunk of trajectories (prefetch x reuse x look steps: with look, the
+    # regrouped batches), so it has met every batch shape once
     warm = args.warmup if is_ref or not args.warmup or not args.batch_warmup else max(
-        args.warmup, int(kv.get("prefetch", 1)) * int(kv.get("reuse", 1)))
+        args.warmup, int(kv.get("prefetch", 1)) * int(kv.get("reuse", 1)) * int(kv.get("look", 1)))
     if warm:
         run(warm)
     if args.device.startswith("cuda"):
@@ -262,7 +263,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps each variant runs first in its process "
                     "(0 = none; on CPU the peak RSS then includes them)")
     ap.add_argument("--no-batch-warmup", dest="batch_warmup", action="store_false", help="ours warms up on "
-                    "--warmup steps too, not on at least one batch of trajectories (how the README's GPU rows ran)")
+                    "--warmup steps too, not on at least one chunk of trajectories (how the README's GPU rows ran)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of every variant, interleaved; the fastest counts "
                     "(a busy machine slows some runs)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -293,7 +294,7 @@ def main() -> None:
     # first reference that ran
     refs = {parse_variant(v)[1].get("dtype", "fp32"): best[v] for v in variants if plain_reference(v)}
     unit = "CUDA peak MB" if args.device.startswith("cuda") else "peak RSS MB"
-    warm = (f"{args.warmup} untimed" + (" (ours: at least one batch of trajectories)" if args.batch_warmup else "")
+    warm = (f"{args.warmup} untimed" + (" (ours: at least one chunk of trajectories)" if args.batch_warmup else "")
             if args.warmup else "no untimed steps")
     print(f"ESD-x on {args.model} ({args.device}, {args.threads} threads): {args.steps} timed steps after "
           f"{warm}, DDIM {args.ddim_steps}, guidance 3, batch 1; fastest of {args.repeats} "

@@ -31,7 +31,7 @@ def test_only_needs_a_reference(monkeypatch):
             mod.main()
 
 
-@pytest.mark.parametrize("variant", ["reference", "prefetch=2"])
+@pytest.mark.parametrize("variant", ["reference", "prefetch=2", "prefetch=1,look=2"])
 def test_a_row_counts_every_unet_call_of_the_timed_run(variant, capsys):
     """calls per step: the reference's guided calls, its two frozen calls at x_t and its trained copy's
     pass; ours, one guided call per DDIM step of the batch's longest trajectory and the trained passes."""
@@ -45,5 +45,7 @@ def test_a_row_counts_every_unet_call_of_the_timed_run(variant, capsys):
     mod.child(args)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     till = mod.stops(0, steps, ddim)
-    expected = (sum(till) + 3 * steps if variant == "reference" else max(till) + 1 + steps) / steps
+    # prefetch=1,look=2: the two steps' trajectories regrouped into batches of one, each as long as its own stop
+    expected = {"reference": sum(till) + 3 * steps, "prefetch=2": max(till) + 1 + steps,
+                "prefetch=1,look=2": sum(till) + 2 + steps}[variant] / steps
     assert row["calls_per_step"] == expected

@@ -220,35 +220,44 @@ def _counting(monkeypatch, sizes: list[int]):
     monkeypatch.setattr(SDAdapter, "predict_noise", counted)
 
 
-@pytest.mark.parametrize("batch, reuse, erase_from", [(1, 1, ""), (2, 1, "a heart"), (1, 2, "")])
+@pytest.mark.parametrize("batch, reuse, erase_from, keep", [(1, 1, "", 0.0), (2, 1, "a heart", 0.0), (1, 2, "", 1.0),
+                                                          (2, 2, "a heart", 1.0)])
 def test_esd_lookahead_regroups_trajectories_by_stop_without_changing_a_draw(sd, monkeypatch, batch, reuse,
-                                                                             erase_from):
+                                                                             erase_from, keep):
     """lookahead=L draws L batches' trajectories at once and regroups them by stopping step: every step gets
-    the x_t and frozen predictions it gets without it, no UNet call is larger than prefetch's, and the
-    batches, whose rows now stop close together, need fewer calls."""
-    kw = dict(batch_size=batch, trajectory_reuse=reuse, erase_from=erase_from, prefetch=2)
+    the prompt, x_t and frozen predictions it gets without it (several prompts, a short last chunk), no UNet
+    call is larger than prefetch's, and the batches, whose rows now stop close together, need fewer calls."""
+    concepts = [ConceptSpec("star", synonyms=("pentagram",), neighbours=("heart", "circle"))]
+    templates = ("{}", "a photo of a {}", "a red {}")
+
+    def rows(chunk: int, **kw):
+        a = get_adapter(sd)
+        m = ESD(**dict(FAST, steps=7, ddim_steps=6, prefetch=2, batch_size=batch, trajectory_reuse=reuse,
+                       erase_from=erase_from, preserve_weight=keep, templates=templates, **kw))
+        tr = Trainable(sd, select_params(a, "x"), rank=0, seed=0)
+        try:
+            return m._draw(a, m.prepare(a, concepts, tr), tr, chunk)
+        finally:
+            tr.close()
+
     sizes: list[int] = []
     _counting(monkeypatch, sizes)
-    plain = [_esd_rows(sd, chunk=c, **kw) for c in range(4 // reuse)]
+    plain = [rows(c) for c in range(-(-7 // (2 * reuse)))]  # the last chunk is short
     plain_sizes = sizes.copy()
     sizes.clear()
-    ahead = _esd_rows(sd, lookahead=4 // reuse, **kw)
-    fields = ("x", "f_uncond", "f_concept") + (("f_source",) if erase_from else ())
+    ahead = rows(0, lookahead=4 // reuse)
+    assert len(ahead.x) == 7 * batch
+    assert len(set(ahead.prompt.tolist())) > 1
+    fields = ("x", "f_uncond", "f_concept") + (("f_source",) if erase_from else ()) + (("f_keep",) if keep else ())
     for field_ in fields:
         assert torch.allclose(torch.cat([getattr(r, field_) for r in plain]), getattr(ahead, field_),
                               atol=1e-3, rtol=1e-3), field_
-    for field_ in ("t", "prompt"):
+    for field_ in ("t", "prompt") + (("keep",) if keep else ()):
         assert torch.equal(torch.cat([getattr(r, field_) for r in plain]), getattr(ahead, field_)), field_
-    assert max(sizes) <= 2 * 2 * batch  # a guided call of prefetch=2 trajectories' rows, no more
-    assert sum(sizes) == sum(plain_sizes)  # the same rows through the UNet
-    assert len(sizes) < len(plain_sizes), (sizes, plain_sizes)
-
-
-def test_esd_lookahead_of_one_is_the_batches_as_they_were(sd):
-    """lookahead=1 (the default) leaves each batch's trajectories in step order: the same tensors as ever."""
-    one, same = _esd_rows(sd, prefetch=4), _esd_rows(sd, prefetch=4, lookahead=1)
-    for field_ in ("x", "f_uncond", "f_concept"):
-        assert torch.equal(getattr(one, field_), getattr(same, field_))
+    assert max(sizes) <= max(plain_sizes) <= 2 * 2 * batch  # a guided call of prefetch=2 trajectories' rows
+    # fewer calls wherever sorting can merge stops (these draws: 18 vs 21, 19 vs 22, 15 vs 16); with batch 2 and
+    # trajectory_reuse 2 this chunk's two batches already stop alike (14 vs 14)
+    assert len(sizes) < len(plain_sizes) if (batch, reuse) != (2, 2) else len(sizes) == len(plain_sizes)
 
 
 @pytest.mark.parametrize("batch, erase_from", [(1, ""), (2, ""), (2, "a heart")])

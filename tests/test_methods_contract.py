@@ -305,3 +305,21 @@ def test_world_settings_are_valid_and_hold_the_measured_ones(name):
     cls(**world)  # they are valid settings
     if "templates" in world:
         assert len(world["templates"]) > 1 and all("{}" in t for t in world["templates"])
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_a_method_says_truly_whether_it_reads_keep_phrases(name, tmp_path_factory):
+    """uses_keep_phrases() (what the CLI's "preserving the world's other ..." line rests on) is what fit does:
+    a method that says it reads neighbour/preserve prompts fits another edit when they are given; one that
+    says it does not fits the same bytes."""
+    pipe = tiny_sd(tmp_path_factory.mktemp("tok"))
+    overrides = TINY_OVERRIDES.get(name, {})
+    anchor = ANCHOR.get(name, "")
+    plain = erasekit.erase(pipe, erasekit.ConceptSpec("star", anchor=anchor), method=name, **overrides)
+    kept = erasekit.erase(pipe, erasekit.ConceptSpec("star", anchor=anchor, neighbours=("heart",),
+                                                      preserve=("a circle",)), method=name, **overrides)
+    a, b = plain.tensors(), kept.tensors()
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = same and json.dumps(plain.manifest.get("data"), sort_keys=True) == json.dumps(kept.manifest.get("data"),
+                                                                                       sort_keys=True)
+    assert get_method(name)(**overrides).uses_keep_phrases() == (not same)

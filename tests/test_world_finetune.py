@@ -35,7 +35,8 @@ def test_esd_command_runs_on_the_world(tmp_path, capsys):
     assert load_edit(tmp_path / "q").manifest["concepts"][0] == {"target": "star", "anchor": "", "synonyms": [],
                                                                  "neighbours": [], "preserve": ["heart"]}
     # a method (or setting) that never reads keep phrases is not told it preserves anything
-    for args in (["--method", "esd", "--set", "steps=1", "--set", "preserve_weight=0"], ["--method", "negative-prompt"]):
+    for args in (["--method", "esd", "--set", "steps=1", "--set", "preserve_weight=0"], ["--method", "negative-prompt"],
+                 ["--method", "sld"], ["--method", "safree"]):
         assert run(["erase", *args, "--concept", "star", "-o", str(tmp_path / args[1])]) == 0
         assert "preserving the world's" not in capsys.readouterr().out, args
 

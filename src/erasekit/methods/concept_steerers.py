@@ -205,6 +205,9 @@ class ConceptSteerers(Method):
                    "residual stream and add it to the unconditional one (a hook edit)")
     Config = ConceptSteerersConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return not self.config.sae  # they are among the prompts its own SAE is trained on; a given SAE reads none
+
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         if self.config.strength < 0:

@@ -398,6 +398,9 @@ class SAFREE(Method):
                    "(self-validating filter), a hook edit, training-free")
     Config = SafreeConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return False  # its toxic subspace is spanned by the erased phrases (and its keywords) alone
+
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
         """On the embedded world: SAFREE_WORLD and the world's erase templates for the concepts' axis."""

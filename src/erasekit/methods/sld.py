@@ -227,6 +227,9 @@ class SLD(Method):
                    "nears it, with warm-up and momentum (a hook edit; 1.5x the UNet cost)")
     Config = SLDConfig
 
+    def uses_keep_phrases(self) -> bool:
+        return False  # its safety prompt is built from the erased phrases alone
+
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
         """On the embedded world: SLD_WORLD and the world's erase templates for the concepts' axis."""
