@@ -55,6 +55,16 @@ def test_corrupt_model_folder(tmp_path: Path):
     assert "could not load" in msg
 
 
+@pytest.mark.parametrize("index", [b"", b'{"_class_name": "StableDiffusionPipeline", "unet": [', b"\xff\xfe{}", b"[1, 2]"])
+def test_a_truncated_or_non_json_model_index_is_one_line(tmp_path: Path, index: bytes):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "model_index.json").write_bytes(index)
+    msg = _one_line_error(run("generate", "x", "--model", str(d), "-o", str(tmp_path / "g.png")))
+    assert "model_index.json" in msg and "check the folder" in msg
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_negative_count(tmp_path: Path):
     msg = _one_line_error(run("generate", "a red circle", "-n", "-3", "-o", str(tmp_path / "g.png")))
     assert "at least 1" in msg
@@ -92,6 +102,20 @@ def test_bad_set_override_is_one_line():
         apply_overrides(TrainConfig(), ["nope=1"])
     with pytest.raises(InvalidInputError, match="expected int"):
         apply_overrides(TrainConfig(), ["unet_steps=many"])
+
+
+@pytest.mark.parametrize("pair,bound", [("threads=0", "at least 1"), ("probe_every=0", "at least 1"),
+                                        ("batch_size=-2", "at least 1"), ("lr=0", "above 0"),
+                                        ("uncond_p=1.5", "at most 1"), ("max_minutes=0", "above 0")])
+def test_world_train_settings_are_range_checked_before_training(pair, bound):
+    """`world train --set` values that would fail deep in torch (threads=0) or only after the judge and the
+    renders are made (probe_every=0 divides by zero at the first probe) are refused up front."""
+    from erasekit.config import apply_overrides
+    from erasekit.errors import InvalidInputError
+    from erasekit.world.train import TrainConfig
+
+    with pytest.raises(InvalidInputError, match=f"{pair.split('=')[0]}.*{bound}"):
+        apply_overrides(TrainConfig(), [pair])
 
 
 def test_train_settings_name_their_device_and_reproduce_command(monkeypatch):

@@ -129,6 +129,11 @@ def test_concept_files(tmp_path, sd):
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "x"}]))
     with pytest.raises(InvalidInputError, match="unknown concept field"):
         load_concepts(tmp_path / "bad.json")
+    for bad in ({"target": "star", "preserve": 3}, {"target": "star", "synonyms": True},
+                {"target": "star", "neighbours": {"heart": 1}}):
+        (tmp_path / "typed.json").write_text(json.dumps([bad]))
+        with pytest.raises(InvalidInputError, match="must be a list of phrases"):
+            load_concepts(tmp_path / "typed.json")
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(InvalidInputError, match="no concept"):
         load_concepts(tmp_path / "empty.txt")

@@ -7,7 +7,8 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .errors import InvalidInputError
 
@@ -33,6 +34,9 @@ def _tuple(items: Iterable[str] | str | None, what: str) -> tuple[str, ...]:
         return ()
     if isinstance(items, str):
         items = [s for s in items.split(",")]
+    elif isinstance(items, (dict, bytes)) or not isinstance(items, Iterable):  # JSON numbers, booleans, objects
+        raise InvalidInputError(f"{what} must be a list of phrases or one comma-separated string, "
+                                f"not {type(items).__name__} {items!r}")
     out = tuple(_clean(s, what) for s in items)
     return tuple(s for s in out if s)
 
@@ -137,6 +141,9 @@ def load_concepts(path: str | Path, anchor: str = "", preserve: Iterable[str] | 
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(f"concepts file {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise InvalidInputError(f"could not read concepts file {p} ({e.strerror or type(e).__name__}); "
+                                "check its permissions") from None
     suffix = p.suffix.lower()
     items: list[str | ConceptSpec] = []
     if suffix == ".json":

@@ -108,7 +108,14 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | None = N
     kwargs: dict[str, Any] = {"torch_dtype": dtype or torch.float32}
     local = Path(src).is_dir()
     if local:
-        index = json.loads((Path(src) / "model_index.json").read_text())
+        try:
+            index = json.loads((Path(src) / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelLoadError(f"could not load model {src}: its model_index.json is unreadable "
+                                 f"({type(e).__name__}); check the folder's files") from None
+        if not isinstance(index, dict):
+            raise ModelLoadError(f"could not load model {src}: its model_index.json is not a JSON object; "
+                                 "check the folder's files")
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

@@ -51,25 +51,25 @@ class TrainConfig:
     """Every knob of ``erasekit world train``; the defaults reproduce the shipped model."""
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
-    pool: int = field(default=30000, metadata={"help": "rendered training images"})
-    classifier_steps: int = field(default=1200, metadata={"help": "judge training steps"})
-    vae_steps: int = field(default=700, metadata={"help": "VAE training steps"})
-    unet_steps: int = field(default=10000, metadata={"help": "UNet + text encoder steps"})
-    batch_size: int = field(default=32, metadata={"help": "UNet batch size"})
-    lr: float = field(default=5e-4, metadata={"help": "UNet/text-encoder peak learning rate"})
-    drop_axis_p: float = field(default=0.15, metadata={"help": "chance an axis is left out of a caption"})
-    synonym_p: float = field(default=0.5, metadata={"help": "chance a word is replaced by a synonym"})
-    uncond_p: float = field(default=0.1, metadata={"help": "empty-caption rate (for guidance)"})
-    synonym_loss: float = field(default=0.0, metadata={
+    pool: int = field(default=30000, metadata={"min": 1, "help": "rendered training images"})
+    classifier_steps: int = field(default=1200, metadata={"min": 1, "help": "judge training steps"})
+    vae_steps: int = field(default=700, metadata={"min": 1, "help": "VAE training steps"})
+    unet_steps: int = field(default=10000, metadata={"min": 1, "help": "UNet + text encoder steps"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "UNet batch size"})
+    lr: float = field(default=5e-4, metadata={"above": 0.0, "help": "UNet/text-encoder peak learning rate"})
+    drop_axis_p: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0, "help": "chance an axis is left out of a caption"})
+    synonym_p: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "help": "chance a word is replaced by a synonym"})
+    uncond_p: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "empty-caption rate (for guidance)"})
+    synonym_loss: float = field(default=0.0, metadata={"min": 0.0,
         "help": "weight of an MSE pulling synonym captions' embeddings together (0: off; it can collapse the "
                 "text encoder to a constant, see the model card)"})
-    te_lr: float = field(default=2e-4, metadata={"help": "text-encoder peak learning rate"})
-    probe_every: int = field(default=600, metadata={"help": "steps between fidelity probes"})
-    first_probe: int = field(default=300, metadata={"help": "step of the first probe (catches a broken run early)"})
-    probe_images: int = field(default=32, metadata={"help": "images per fidelity probe"})
-    final_eval_images: int = field(default=64, metadata={"help": "images of the closing fidelity check "
+    te_lr: float = field(default=2e-4, metadata={"min": 0.0, "help": "text-encoder peak learning rate"})
+    probe_every: int = field(default=600, metadata={"min": 1, "help": "steps between fidelity probes"})
+    first_probe: int = field(default=300, metadata={"min": 1, "help": "step of the first probe (catches a broken run early)"})
+    probe_images: int = field(default=32, metadata={"min": 1, "help": "images per fidelity probe"})
+    final_eval_images: int = field(default=64, metadata={"min": 1, "help": "images of the closing fidelity check "
                                                                      "(benchmarks/world_fidelity.py measures 500+)"})
-    min_snr_gamma: float = field(default=0.0, metadata={
+    min_snr_gamma: float = field(default=0.0, metadata={"min": 0.0,
         "help": "min-SNR loss weighting (0 = off: plain v-prediction MSE, which keeps weight on the high-noise "
                 "steps where the prompt decides colour, shape and background)"})
     reuse_classifier: str = field(default="", metadata={"help": "load this judge instead of training one"})
@@ -78,8 +78,8 @@ class TrainConfig:
         "help": "continue training: start the UNet and text encoder from this world pipeline folder (one "
                 "`world train` wrote, with this grammar's tokenizer) instead of from random weights; the "
                 "schedule (warm-up, cosine from lr) restarts, so lower lr and te_lr for a continuation"})
-    max_minutes: float = field(default=115.0, metadata={"help": "stop UNet training early past this"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads (and render processes)"})
+    max_minutes: float = field(default=115.0, metadata={"above": 0.0, "help": "stop UNet training early past this"})
+    threads: int = field(default=2, metadata={"min": 1, "help": "torch CPU threads (and render processes)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the UNet and text encoder (CUDA graphs on a GPU, where this tiny model is otherwise "
                 "bound by Python overhead at ~0.11 s/step); same maths, fewer launches"})
@@ -91,7 +91,7 @@ class TrainConfig:
                 "questions, clauses; disjoint from the paraphrase family) or templates (the 7 templates of "
                 "erasekit's first world model)",
         "choices": ("templates", "broad")})
-    token_init_std: float = field(default=1.0, metadata={
+    token_init_std: float = field(default=1.0, metadata={"above": 0.0, 
         "help": "std of the text encoder's initial token embeddings (CLIP's 0.02 leaves all words nearly alike: "
                 "only the background got told apart, colour and shape stayed at chance)"})
 
