@@ -245,3 +245,45 @@ def test_generate_does_not_overwrite_an_image_unasked(tmp_path, monkeypatch, cap
     assert "already exists" in capsys.readouterr().err and (tmp_path / "grid.png").read_bytes() == b"my picture"
     assert run(["generate", "a star", "-n", "1", "--steps", "1", "--overwrite"]) == 0
     assert (tmp_path / "grid.png").read_bytes() != b"my picture"
+
+
+def test_an_image_that_appears_during_generate_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """generate checks -o before its long run; a file put there meanwhile is kept and the run fails in one
+    line, and the image it writes otherwise has a plain file's mode (mkstemp's 0600 was kept before)."""
+    import erasekit.generate as gen_mod
+    from erasekit.cli import run
+
+    real = gen_mod.generate
+
+    def generate_then_user_writes(*args, **kwargs):
+        images = real(*args, **kwargs)
+        (tmp_path / "g.png").write_bytes(b"the user's picture")
+        return images
+
+    monkeypatch.setattr(gen_mod, "generate", generate_then_user_writes)
+    assert run(["generate", "a star", "-n", "1", "--steps", "1", "-o", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "appeared while this ran" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "g.png").read_bytes() == b"the user's picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+    monkeypatch.setattr(gen_mod, "generate", real)
+    assert run(["generate", "a star", "-n", "1", "--steps", "1", "-o", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").stat().st_mode & 0o644 == 0o644
+
+
+def test_an_unreadable_concepts_file_is_not_called_a_write_error(tmp_path, capsys, monkeypatch):
+    from erasekit.cli import run
+
+    f = tmp_path / "c.txt"
+    f.write_text("star\n")
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):  # chmod 0 does not stop root, who runs CI here
+        if self == f:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert run(["erase", "--concepts-file", str(f), "-o", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not read concepts file" in err and "write" not in err and len(err.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -98,7 +99,7 @@ def generate(
         with err.status(f"generating {n} image(s)"):
             images = gen(pipe, prompt, n=n, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
                          adversarial=adv, force=force)
-        save_image(make_grid(images), output)
+        save_image(make_grid(images), output, overwrite=overwrite)
     except ErasekitError as e:
         _fail(e)
     out.print(f"wrote {output} ({n} images, seeds {seed}..{seed + n - 1}, {time.time() - t0:.1f}s)")
@@ -693,8 +694,12 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # a full disk, a folder that went read-only: outputs are atomic, nothing is half-written
         where = f" ({e.filename})" if e.filename else ""
-        _say_error(f"could not write{where}: {e.strerror or e}; free space or choose another output path "
-                   "(nothing was half-written)")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            _say_error(f"could not write{where}: {e.strerror or e}; free space or choose another output path "
+                       "(nothing was half-written)")
+        else:  # a read failure lands here too: do not call it a write
+            _say_error(f"file error{where}: {e.strerror or e}; check that path and its permissions "
+                       "(no output was half-written)")
         return 2
     return rv if isinstance(rv, int) else 0
 

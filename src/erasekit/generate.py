@@ -83,13 +83,14 @@ def make_grid(images: list[Image.Image], cols: int | None = None, cell: int | No
     return grid
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save atomically; the format follows the suffix."""
+def save_image(image: Image.Image, path: str | Path, overwrite: bool = True) -> Path:
+    """Save atomically; the format follows the suffix. ``overwrite=False`` refuses a file that exists
+    (or appeared since the caller checked)."""
     p = check_parent(path)
     fmt = IMAGE_SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise InvalidInputError(f"cannot tell the image format of {p.name}; use a .png, .jpg or .webp name")
-    with atomic_path(p) as tmp:
+    with atomic_path(p, overwrite=overwrite) as tmp:
         image.save(tmp, format=fmt)
     return p
 

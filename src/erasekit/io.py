@@ -29,13 +29,22 @@ def check_parent(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it over ``path`` only on success."""
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; rename it over ``path`` only on success.
+
+    The file gets a plain write's mode (``mkstemp`` makes it 0600). With ``overwrite=False`` a file that
+    appeared at ``path`` during the run is left alone and the run fails in one line."""
     p = check_parent(path)
+    if p.is_dir():
+        raise OutputPathError(f"{p} is a folder; name a file to write")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent or ".")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if p.is_dir() or (not overwrite and os.path.lexists(p)):
+            raise OutputPathError(f"{p} appeared while this ran; nothing was written over it: choose another "
+                                  "path, or pass --overwrite")
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
