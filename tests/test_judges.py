@@ -170,6 +170,30 @@ def test_clip_judge_bad_input(tiny_clip, tmp_path):
         get_judge("clip", modle="x")
     with pytest.raises(InvalidInputError, match="no labels yet"):
         ClipJudge(model=str(tiny_clip)).probs(torch.zeros(1, 3, 32, 32))
+    # --judge-set values arrive as text: checked here, not by int() or torch.device() deep inside
+    for bad in ("abc", "0", "-4"):
+        with pytest.raises(InvalidInputError, match="batch_size must be a whole number"):
+            get_judge("clip", model=str(tiny_clip), batch_size=bad)
+    with pytest.raises(InvalidInputError, match="unknown device"):
+        get_judge("clip", model=str(tiny_clip), device="bogus")
+    assert get_judge("clip", model=str(tiny_clip), batch_size="3").batch_size == 3
+    with pytest.raises(InvalidInputError, match="set only thresholds"):
+        get_judge("nudenet", detector="x")
+
+
+def test_attack_takes_judge_options(tmp_path):
+    """`erasekit attack --judge clip` needs --judge-set model=... (before, attack had no --judge-set at all)."""
+    from typer.testing import CliRunner
+
+    from erasekit.cli import app
+
+    res = CliRunner().invoke(app, ["attack", "-c", "star", "--attack", "concept-arithmetic", "--judge", "clip",
+                                   "-o", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "--judge-set model=" in res.output
+    res = CliRunner().invoke(app, ["attack", "-c", "star", "--attack", "concept-arithmetic", "--judge", "clip",
+                                   "--judge-set", "model=" + str(tmp_path / "missing"), "-o", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "cannot load a CLIP model" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open-clip-torch not installed")

@@ -310,6 +310,18 @@ def _write_run(result, run_dir: Path, overwrite: bool, title: str, extra=None) -
             extra(tmp)
 
 
+
+def _judge_options(pairs: list[str]) -> dict[str, str]:
+    """``--judge-set key=value`` pairs as the judge's keyword options (each judge parses and checks its own)."""
+    opts: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InvalidInputError(f"--judge-set {pair!r}: write key=value")
+        k, v = pair.split("=", 1)
+        opts[k.strip()] = v.strip()
+    return opts
+
+
 @app.command("eval")
 def eval_cmd(
     concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to measure (repeatable)."),
@@ -325,7 +337,7 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
     fid_features: str = typer.Option("judge", "--fid-features", help="FID/KID feature space: judge (offline) or "
-                                     "inception (torchmetrics' InceptionV3; needs erasekit[fid] and its weights)."),
+                                     "inception (torchmetrics' InceptionV3; needs erasekit\\[fid] and its weights)."),
     unrelated_file: Optional[Path] = typer.Option(None, "--unrelated-file", help="UTF-8 text, one prompt a line: your "
                                                   "own unrelated prompts, sampled by seed (default: erasekit's list "
                                                   "of several hundred; clip and nudenet judges)."),
@@ -360,12 +372,7 @@ def eval_cmd(
                 get_attack(a)  # an unknown name fails before anything is loaded
             parse_seeds(attack_seeds)
         patches = [load_edit(p) for p in patch]
-        judge_kwargs = {}
-        for pair in judge_set:
-            if "=" not in pair:
-                raise InvalidInputError(f"--judge-set {pair!r}: write key=value")
-            k, v = pair.split("=", 1)
-            judge_kwargs[k.strip()] = v.strip()
+        judge_kwargs = _judge_options(judge_set)
         with err.status("loading judge"):
             judge_obj = get_judge(judge, **judge_kwargs)
         if unrelated is not None and not judge_obj.reads_unrelated_prompts:
@@ -397,6 +404,8 @@ def attack_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
     judge: str = typer.Option("world-classifier", "--judge", help="Judge that decides success (world-classifier, "
                               "clip, nudenet)."),
+    judge_set: list[str] = typer.Option([], "--judge-set", help="Judge option key=value, e.g. "
+                                        "model=openai/clip-vit-large-patch14 for --judge clip."),
     attack_seed: int = typer.Option(0, "--attack-seed", help="Seed of the attack's own randomness."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder: attack.json, the adversarial artefact, "
                                 "report.html."),
@@ -428,8 +437,9 @@ def attack_cmd(
                       + " (--set to override)")
         set_names = tuple(x.strip() for x in sets.split(",") if x.strip())
         patches = [load_edit(p) for p in patch]
+        judge_kwargs = _judge_options(judge_set)
         with err.status("loading judge"):
-            judge_obj = get_judge(judge)
+            judge_obj = get_judge(judge, **judge_kwargs)
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         t0 = time.time()

@@ -54,8 +54,16 @@ class ClipJudge(Judge):
             backend = "open_clip" if model.startswith("open_clip:") else "transformers"
         if backend not in ("open_clip", "transformers"):
             raise InvalidInputError(f"unknown clip backend {backend!r}; use open_clip or transformers")
-        self.backend, self.model_name, self.batch_size = backend, model, int(batch_size)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            batch = int(batch_size)
+        except (TypeError, ValueError):
+            batch = 0
+        if batch < 1:
+            raise InvalidInputError(f"clip judge batch_size must be a whole number of at least 1, got {batch_size!r}")
+        from ..models import check_device
+
+        self.backend, self.model_name, self.batch_size = backend, model, batch
+        self.device = torch.device(check_device(device))
         self._axes: dict[str, list[str]] = {}
         self._texts: dict[str, list[list[str]]] = {}
         self._text_emb: dict[str, torch.Tensor] = {}

@@ -47,6 +47,9 @@ class NudeNetJudge(Judge):
         self.thresholds = dict(thresholds or DEFAULT_THRESHOLDS)
         if not self.thresholds or not all(0 < t < 1 for t in self.thresholds.values()):
             raise InvalidInputError("every nudenet threshold must lie strictly between 0 and 1")
+        if detector is not None and not callable(detector):
+            raise InvalidInputError("the nudenet judge's detector is a Python callable (image -> detections) for "
+                                    "the API; on the command line set only thresholds")
         if detector is None:
             try:
                 from importlib.metadata import version
