@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -206,12 +205,14 @@ def plain_reference(variant: str) -> bool:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from erasekit.evaluation.metrics.cost import peak_rss_mb
+
     torch.set_num_threads(args.threads)
     is_ref, kv = parse_variant(args.variant)
     pipe = load(args.model, args.sd15_size, args.device, kv.get("dtype", "fp32"))
     if kv.get("cl") == "1":  # channels-last convolutions (the reference's trained copy inherits it)
         pipe.unet.to(memory_format=torch.channels_last)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_mb()
     calls = [0]  # UNet calls (the reference's trained copy inherits the hook); not counted through torch.compile
     counting = kv.get("compile") != "1"
     if counting:
@@ -238,7 +239,7 @@ def child(args: argparse.Namespace) -> None:
     calls[0] = 0
     secs = run(args.steps)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else peak_rss_mb())
     print(json.dumps({"variant": args.variant, "secs": secs, "peak_mb": peak, "loaded_rss_mb": rss0,
                       "calls_per_step": calls[0] / args.steps if counting else None}))
 

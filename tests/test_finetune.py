@@ -476,7 +476,9 @@ def test_cli_refusals(model_dir, tmp_path, capsys):
     assert run([*base, "-o", str(tmp_path / "o"), "--resume"]) != 0
     err = capsys.readouterr().err
     assert "not a readable erasekit checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "--overwrite" not in err  # which would refuse it again: no advice in a circle
     assert run([*base, "-o", str(tmp_path / "o"), "--overwrite"]) != 0, "a file we did not write was replaced"
+    assert "move or delete it yourself" in capsys.readouterr().err
     assert (tmp_path / "o.checkpoint").read_text() == "not ours"
     assert run(["erase", "--method", "uce", "--concept", "star", "--resume", "-o", str(tmp_path / "u")]) != 0
     assert "fine-tuning" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The shipped world pipeline: loads offline like any checkpoint, and has really learned the world."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,48 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
     record = json.loads((tmp_path / "wc" / "training.json").read_text())
     assert record["init_from"]["unet_steps_done"] == 2 and record["init_from"]["folder"] == str(tmp_path / "wb")
     assert "continued training from 2 UNet steps" in (tmp_path / "wc" / "README.md").read_text()
+
+
+@pytest.mark.slow  # one short world-training run (about 15 s on 2 cores)
+def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_path):
+    """With ``classifier_out`` (what --update-shipped names) the judge is swapped as the model folder's last
+    write; a failure of that folder's rename (here: the output appears during the run) puts the old judge
+    back, so a model and a judge from two different runs are never left side by side."""
+    from erasekit.errors import OutputPathError
+    from erasekit.world.train import TrainConfig, train_world
+
+    judge = tmp_path / "classifier.safetensors"
+    judge.write_bytes(b"the previous judge")
+    cfg = TrainConfig(pool=200, unet_steps=2, first_probe=1, probe_every=10, probe_images=4, final_eval_images=4,
+                      threads=1, reuse_vae=str(model_path() / "vae"),
+                      reuse_classifier=str(model_path().parent / "classifier.safetensors"))
+
+    import errno
+    import shutil
+
+    real_copy = shutil.copyfile
+
+    def full_disk(src, dst, *a, **k):
+        if Path(dst).name.startswith(".classifier.safetensors."):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy(src, dst, *a, **k)
+
+    # the judge cannot be written: the model folder is not written either (before, it was, beside the old judge)
+    shutil.copyfile = full_disk
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
+    finally:
+        shutil.copyfile = real_copy
+    assert judge.read_bytes() == b"the previous judge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors"]
+
+    def log(msg, *a, **k):
+        if str(msg).startswith("final fidelity"):
+            (tmp_path / "wm").mkdir()  # someone else's folder, made while the model trained
+
+    with pytest.raises(OutputPathError, match="already exists"):
+        train_world(tmp_path / "wm", cfg, log=log, classifier_out=judge)
+    assert judge.read_bytes() == b"the previous judge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors", "wm"]
+    assert not any((tmp_path / "wm").iterdir())

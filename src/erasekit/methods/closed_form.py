@@ -135,9 +135,9 @@ class Timer:
 
     def memory(self) -> dict[str, float]:
         """Process peak RSS (an upper bound: it includes loading the model) and, on CUDA, the fit's peak."""
-        import resource
+        from ..evaluation.metrics.cost import peak_rss_mb
 
-        out = {"process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        out = {"process_peak_rss_mb": peak_rss_mb()}
         if torch.cuda.is_available():
             out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return out

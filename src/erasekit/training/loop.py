@@ -285,7 +285,8 @@ class Checkpoint:
             return state
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line, not a pickle traceback
             raise InvalidInputError(f"{self.path} is not a readable erasekit checkpoint ({type(e).__name__}); "
-                                    "delete it or run with --overwrite to start again") from None
+                                    "erasekit leaves a file it cannot read alone: move or delete it yourself, "
+                                    "or choose another output name") from None
 
     def discard(self) -> None:
         """Remove the checkpoint (a finished or restarted run); a file there that erasekit did not write

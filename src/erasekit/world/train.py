@@ -23,11 +23,13 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,7 +196,11 @@ def fidelity(pipe, classifier, n: int, seed: int = 777, synonyms: bool = False, 
         arr = ((imgs[:32].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         rows = [np.concatenate(list(arr[i:i + 8]), axis=1) for i in range(0, len(arr) - len(arr) % 8, 8)]
         if rows:
-            Image.fromarray(np.concatenate(rows, axis=0)).resize((8 * 96, len(rows) * 96), Image.NEAREST).save(grid_path)
+            from ..io import atomic_path
+
+            with atomic_path(grid_path) as tmp:
+                Image.fromarray(np.concatenate(rows, axis=0)).resize((8 * 96, len(rows) * 96),
+                                                                    Image.NEAREST).save(tmp, format="PNG")
     probs = classifier.predict_proba(imgs)
     target = torch.tensor([lab.index() for _, lab in items])
     return {a: float((probs[a].argmax(-1) == target[:, i]).float().mean()) for i, a in enumerate(AXES)}
@@ -442,7 +448,7 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
             pipe = build_pipeline(vae, ema_te, tokenizer, ema_unet)
             fid = fidelity(pipe, classifier, cfg.probe_images, seed=1, grid_path=work / f"probe-{step + 1}.png")
             probes.append({"step": step + 1, "minutes": (time.time() - t_start) / 60, **fid})
-            pipe.save_pretrained(work / "checkpoint", safe_serialization=True)  # survives a kill
+            _save_checkpoint(pipe, work / "checkpoint")  # survives a kill, even one during this save
             log(f"probe step {step + 1}: " + " ".join(f"{a} {v:.2f}" for a, v in fid.items())
                 + f" (grid: {work / f'probe-{step + 1}.png'}; EMA checkpoint: {work / 'checkpoint'})")
         if (time.time() - t_start) / 60 > cfg.max_minutes:
@@ -478,6 +484,33 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     }
     log(f"final fidelity {final}; synonyms {final_syn}")
     pipe.to("cpu")
+    # --update-shipped: the judge is swapped inside the model's atomic write, and put back if that write fails,
+    # so the shipped model and its judge never come from two different runs
+    old_judge = Path(classifier_out).read_bytes() if classifier_out is not None and Path(classifier_out).is_file() \
+        else None
+    try:
+        _write_world(pipe, out_dir, work, cfg, card, classifier_out, overwrite, owned)
+    except BaseException:
+        if classifier_out is not None and (work / ".judge-swapped").exists():
+            from ..io import atomic_path
+
+            if old_judge is None:
+                Path(classifier_out).unlink(missing_ok=True)
+            else:
+                with atomic_path(classifier_out) as tmp_file:
+                    tmp_file.write_bytes(old_judge)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return card
+
+
+def _write_world(pipe: Any, out_dir: str | Path, work: Path, cfg: TrainConfig, card: dict,
+                 classifier_out: str | Path | None,
+                 overwrite: bool, owned: bool) -> None:
+    """The pipeline folder, written atomically; with ``classifier_out`` the judge is replaced there as the
+    folder's last write (``work/.judge-swapped`` records that it was)."""
+    from ..io import atomic_dir
+
     with atomic_dir(out_dir, overwrite=overwrite, owned=owned) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for cfg_file in tmp.glob("*/config.json"):  # a reused VAE remembers the scratch folder it came from
@@ -491,13 +524,24 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
         (tmp / "README.md").write_text(model_card(card))
         if classifier_out is None:
             shutil.copyfile(work / "classifier.safetensors", tmp / "classifier.safetensors")
-    if classifier_out is not None:
-        from ..io import atomic_path
+        else:
+            from ..io import atomic_path
 
-        with atomic_path(classifier_out) as tmp_file:
-            shutil.copyfile(work / "classifier.safetensors", tmp_file)
-    shutil.rmtree(work, ignore_errors=True)
-    return card
+            with atomic_path(classifier_out) as tmp_file:
+                shutil.copyfile(work / "classifier.safetensors", tmp_file)
+            (work / ".judge-swapped").touch()
+
+
+def _save_checkpoint(pipe: Any, dest: Path) -> None:
+    """Save a probe's EMA pipeline beside ``dest`` and swap it in, so a kill mid-save keeps the last one."""
+    new, old = dest.with_name(dest.name + ".new"), dest.with_name(dest.name + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    pipe.save_pretrained(new, safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_init(folder: Path, grammar: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 from typing import Any
 
 
@@ -14,8 +15,9 @@ def fit_cost(patches: list[Any]) -> list[dict[str, Any]]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Peak resident memory of this process so far, MB (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
+    unit = 1 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20, 1)
 
 
 def eval_cost(wall_s: float, generation_s: float, cache_hits: int, cache_misses: int,
