@@ -189,7 +189,19 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """Write ``rows`` into the CSV at ``path``, keeping the rows an earlier run wrote there for other
     (method, attack, settings), so that runs of method or attack subsets into one folder add up to one
     table. This run's rows replace earlier ones for the same method, attack and settings; rows at other
-    settings stay, and :func:`goal_lines` leaves them out of the current verdict. Written atomically."""
+    settings stay, and :func:`goal_lines` leaves them out of the current verdict. Written atomically, under
+    an exclusive lock (two runs into one folder at once each keep the other's rows)."""
+    import fcntl
+
+    fd = os.open(path.parent, os.O_RDONLY)  # the folder is the lock: no lock file is left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _merge_locked(path, rows)
+    finally:
+        os.close(fd)
+
+
+def _merge_locked(path: Path, rows: list[dict]) -> list[dict]:
     old = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
 
     def key(r: dict) -> tuple:

@@ -25,6 +25,30 @@ def test_a_second_run_adds_its_rows_and_replaces_only_the_pairs_it_measured(tmp_
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_runs_writing_into_one_folder_at_once_keep_each_others_rows(tmp_path):
+    """The README runs the token searches as two processes into one --out: each merge is read-modify-write,
+    so without the folder lock one run's rows could vanish under the other's."""
+    import multiprocessing
+
+    path = tmp_path / "world_robustness_star.csv"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(path, i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    got = {(r["method"], r["attack"]) for r in csv.DictReader(open(path))}
+    assert got == {(f"m{i}", f"a{j}") for i in range(4) for j in range(25)}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def _merge_many(path, i):
+    merge = _bench().merge_rows
+    for j in range(25):
+        merge(path, [{"method": f"m{i}", "attack": f"a{j}", "post": 0.5}])
+
+
 def test_the_goal_is_judged_over_every_attack_in_the_folder():
     """A run of some attacks cannot declare the goal met: the verdict reads every row of the folder's CSV
     (strings, as read back) and needs every registered attack."""
