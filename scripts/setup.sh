@@ -14,8 +14,10 @@ want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "erasekit: installing dependencies into $venv (first run takes a few minutes)" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip
-  # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
-  "$venv/bin/python" -m pip install -q "torch==2.13.0"
+  # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build. PyPI's Linux torch==2.13.0 is the
+  # CUDA build too; where pip's index has no CPU build, ERASEKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+  # takes it from PyTorch's own index.
+  "$venv/bin/python" -m pip install -q "torch==2.13.0" ${ERASEKIT_TORCH_INDEX:+--index-url "$ERASEKIT_TORCH_INDEX"}
   "$venv/bin/python" -m pip install -q -e "$root[test]"
   echo "$want" > "$stamp"
 fi

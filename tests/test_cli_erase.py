@@ -25,6 +25,25 @@ def test_methods_lists_every_method():
         assert name in r.output
 
 
+def test_methods_and_attacks_show_edit_kinds_and_world_settings():
+    """What `methods -v` / `attacks -v` promise in the README: each method's edit kind, and where the embedded
+    world's settings differ from the paper's defaults, both values."""
+    from erasekit.attacks import describe as describe_attacks
+    from erasekit.methods import describe as describe_methods
+    from erasekit.methods.esd import ESD_WORLD
+
+    methods = {m["name"]: m for m in describe_methods()}
+    assert methods["negative-prompt"]["edit_kind"] == "hook" and methods["esd"]["edit_kind"] == "weight_delta"
+    steps = next(f for f in methods["esd"]["config"] if f["name"] == "steps")
+    assert steps["default"] == 1000 and steps["world"] == ESD_WORLD["steps"]
+    ti = next(a for a in describe_attacks() if a["name"] == "textual-inversion")
+    assert next(f for f in ti["config"] if f["name"] == "steps")["world"] == 600
+    r = runner.invoke(app, ["methods", "-v"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "hook" in r.output and f"steps=1000 (world: {ESD_WORLD['steps']})" in r.output
+    r = runner.invoke(app, ["attacks", "-v"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "steps=3000 (world: 600)" in r.output
+
+
 def test_erase_generate_export(tmp_path: Path):
     patch_dir = tmp_path / "patch"
     r = run("erase", "--method", "uce", "--concept", "star", "--preserve", "circle,heart", "--set", "lam=0.2",

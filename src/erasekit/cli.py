@@ -251,15 +251,24 @@ def methods_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Als
     from .methods import describe
 
     table = Table(show_lines=verbose)
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("family")
+    table.add_column("edit kind", no_wrap=True)
     table.add_column("description")
-    table.add_column("settings (--set key=value)")
+    table.add_column("settings (--set key=value)" + ("; the embedded world's where they differ" if verbose else ""))
     for m in describe():
-        fields = "\n".join(f"{f['name']}={f['default']!r}: {f['help']}" for f in m["config"]) if verbose else \
-            ", ".join(f["name"] for f in m["config"])
-        table.add_row(m["name"], m["family"], m["description"], fields)
+        table.add_row(m["name"], m["family"], m["edit_kind"], m["description"], _settings_cell(m["config"], verbose))
     out.print(table)
+
+
+def _settings_cell(fields: list[dict], verbose: bool) -> str:
+    """A config's fields: names, or (verbose) each default, the world setting where it differs, and help."""
+    from rich.markup import escape
+
+    if not verbose:
+        return ", ".join(f["name"] for f in fields)
+    return "\n".join(escape(f"{f['name']}={f['default']!r}" + (f" (world: {f['world']!r})" if "world" in f else "")
+                            + f": {f['help']}") for f in fields)
 
 
 def _summary_table(result) -> None:
@@ -482,12 +491,11 @@ def attacks_cmd(verbose: bool = typer.Option(False, "--verbose", "-v", help="Als
     from .attacks import describe
 
     table = Table(show_lines=verbose)
-    for col in ("attack", "kind", "description", "settings (--set key=value)"):
+    for col in ("attack", "kind", "description", "settings (--set key=value)"
+                + ("; the embedded world's where they differ" if verbose else "")):
         table.add_column(col)
     for a in describe():
-        fields = "\n".join(f"{f['name']}={f['default']!r}: {f['help']}" for f in a["config"]) if verbose else \
-            ", ".join(f["name"] for f in a["config"])
-        table.add_row(a["name"], a["kind"], a["description"], fields)
+        table.add_row(a["name"], a["kind"], a["description"], _settings_cell(a["config"], verbose))
     out.print(table)
 
 

@@ -39,9 +39,13 @@ def describe() -> list[dict[str, Any]]:
 
     out = []
     for cls in REGISTRY.values():
-        out.append({"name": cls.name, "kind": cls.kind, "description": cls.description,
-                    "config": [{"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
-                               for f in dataclasses.fields(cls.Config)]})
+        world = cls.world_settings()
+        fields = [{"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+                  for f in dataclasses.fields(cls.Config)]
+        for f in fields:
+            if f["name"] in world and world[f["name"]] != f["default"]:
+                f["world"] = world[f["name"]]
+        out.append({"name": cls.name, "kind": cls.kind, "description": cls.description, "config": fields})
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..concepts import ConceptSpec
 from ..errors import InvalidInputError
 from .ablating import AblatingConcepts
 from .advunlearn import AdvUnlearn
@@ -47,6 +48,10 @@ def describe() -> list[dict[str, Any]]:
     for m in REGISTRY.values():
         fields = [{"name": f.name, "default": f.default if f.default is not dataclasses.MISSING else None,
                    "help": f.metadata.get("help", "")} for f in dataclasses.fields(m.Config)]
+        world = m.world_settings([ConceptSpec("star")])  # on the embedded world (templates follow the axis)
+        for f in fields:
+            if f["name"] in world and f["name"] != "templates" and world[f["name"]] != f["default"]:
+                f["world"] = world[f["name"]]
         out.append({"name": m.name, "family": m.family, "edit_kind": m.edit_kind, "description": m.description,
                     "config": fields})
     return out

@@ -78,7 +78,9 @@ class FewShotTextEncoder(FineTuneMethod):
 
     @classmethod
     def world_settings(cls, concepts: list[ConceptSpec]) -> dict[str, Any]:
-        return dict(FSTE_WORLD)  # its own textual-inversion templates, not the world's erase templates
+        # the world's erase templates, as for every method with a templates setting: FSTE_WORLD was chosen with
+        # them (world_erasure.py passes them), so `erasekit erase` reproduces the README's FS-TE rows
+        return {**super().world_settings(concepts), **FSTE_WORLD}
 
     def trained_params(self, adapter: Any) -> list[str]:
         names = [n for n in params_of(adapter, "text_encoder") if not n.endswith(("embedding.weight",))]
