@@ -50,7 +50,8 @@ MAX_TOKENS = 20
 
 @dataclass
 class TrainConfig:
-    """Every knob of ``erasekit world train``; the defaults reproduce the shipped model."""
+    """Every knob of ``erasekit world train``. The defaults train a world model from a seed (judge and VAE
+    included); the shipped one came from four stages of these settings, which its model card lists."""
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
     pool: int = field(default=30000, metadata={"min": 1, "help": "rendered training images"})
