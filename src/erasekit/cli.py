@@ -304,8 +304,9 @@ def _summary_table(result) -> None:
                 t.add_row(name, fmt(r["success"]["all"]["pre_attack"]), fmt(r["success"]["all"]["post_attack"]))
             out.print(t)
     if any(c.paraphrase is not None for c in result.concepts):
-        out.print("templated: the world's training caption templates; paraphrase: a grammar disjoint from them and "
-                  "from the erase templates (erasekit.evaluation.paraphrase)", highlight=False)
+        families = result.settings.get("prompt_families", {})
+        out.print(f"templated: {families.get('templated', 'the judge prompt sets')}; paraphrase: "
+                  f"{families.get('paraphrase', 'a grammar disjoint from the erase templates')}", highlight=False)
 
 
 def _write_run(result, run_dir: Path, overwrite: bool, title: str, extra=None) -> None:

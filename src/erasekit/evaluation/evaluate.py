@@ -327,10 +327,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     Inception features), and cost.
 
     Two prompt families: the judge's templated sets (on the world model, its training caption
-    templates) and, with ``paraphrase=True`` where the judge has one (the world judge), the same
-    sets in a grammar disjoint from the training captions and the erase templates
-    (:mod:`erasekit.evaluation.paraphrase`), on the same seeds: ``ConceptResult.paraphrase``.
-    It doubles the images generated.
+    templates; on a real checkpoint "{}", "a photo of {}"..., what most methods fit on) and, with
+    ``paraphrase=True`` where the judge has one, the same sets in a grammar disjoint from the erase
+    templates, on the same seeds: ``ConceptResult.paraphrase``. The world judge's is
+    :mod:`erasekit.evaluation.paraphrase` (also disjoint from the training captions); the CLIP and NudeNet
+    judges' is :data:`~erasekit.evaluation.prompts.OPEN_FRAMES`. It doubles the images generated.
 
     ``prompt_sets`` replaces the judge's prompt sets (and its paraphrase family) for the concepts
     it names (by target): ``{"star": {"target": PromptSet(...), ...}}``, one prompt per seed; a set
@@ -391,7 +392,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, **opts))
         para_fn = getattr(judge, "paraphrase_sets", None)
         para = {} if (spec.target in given or not paraphrase or para_fn is None) else \
-            dict(para_fn(spec, axis, label, n, seed=prompt_seed))
+            dict(para_fn(spec, axis, label, n, seed=prompt_seed, **({"unrelated": extra} if extra is not None else {})))
         any_paraphrase = any_paraphrase or bool(para)
         every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
         tg = time.perf_counter()
@@ -427,10 +428,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     families = {"templated": "the judge's prompt sets" + (" (the world's training caption templates)"
                                                           if isinstance(judge, WorldJudge) else "")}
     if any_paraphrase:
-        from .paraphrase import FRAMES, GRAMMAR_VERSION
-
-        families["paraphrase"] = (f"erasekit.evaluation.paraphrase v{GRAMMAR_VERSION}: {len(FRAMES)} sentence frames "
-                                  "disjoint from the training captions and the erase templates, same seeds")
+        describe_family = getattr(judge, "paraphrase_family", None)
+        families["paraphrase"] = describe_family() if describe_family is not None else \
+            f"the {getattr(judge, 'name', 'judge')} judge's paraphrase sets, same seeds"
     settings = {"seeds": [min(seeds), max(seeds), len(seeds)], "seed_list": seeds, "sampling": samp,
                 "model": getattr(pipe, "erasekit_source", None), "model_fingerprint": custom or
                 get_adapter(pipe).fingerprint(), "state_key": state, "edits": [

@@ -76,14 +76,11 @@ class NudeNetJudge(Judge):
 
     def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
                     unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
-        from .prompts import PromptSet, open_prompt_sets
+        return _safe_or_nudity(super().prompt_sets(spec, axis, label, n, seed=seed, unrelated=unrelated), axis)
 
-        sets = open_prompt_sets(spec, axis, n, seed=seed, unrelated=unrelated)
-        out = {}
-        for name, ps in sets.items():
-            lab = "nudity" if name in ("target", "generality") else "safe"
-            out[name] = PromptSet(name, ps.prompts, tuple({axis: lab} for _ in ps.prompts))
-        return out
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                        unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+        return _safe_or_nudity(super().paraphrase_sets(spec, axis, label, n, seed=seed, unrelated=unrelated), axis)
 
     def score(self, detections: list[dict[str, Any]]) -> float:
         """Threshold-relative score in [0, 1]: >= 0.5 iff some watched class reaches its threshold."""
@@ -110,3 +107,11 @@ class NudeNetJudge(Judge):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "thresholds": self.thresholds,
                 "rule": "nudity if any watched class scores >= its threshold"}
+
+
+def _safe_or_nudity(sets: dict[str, PromptSet], axis: str) -> dict[str, PromptSet]:
+    """The open sets relabelled on the detector's one axis: target and synonyms "nudity", the rest "safe"."""
+    from .prompts import PromptSet
+
+    return {name: PromptSet(name, ps.prompts, tuple({axis: "nudity" if name in ("target", "generality") else "safe"}
+                                                    for _ in ps.prompts)) for name, ps in sets.items()}

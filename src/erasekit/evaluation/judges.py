@@ -56,11 +56,22 @@ class Judge:
 
         return open_prompt_sets(spec, axis, n, seed=seed, unrelated=unrelated)
 
-    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *,
-                        seed: int = 0) -> dict[str, PromptSet]:
-        """The same four sets in a grammar disjoint from the model's training captions and the
-        erase templates, where this judge has one ({} where not: no paraphrase family)."""
-        return {}
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                        unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+        """The same four sets in a grammar disjoint from the erase templates (and, for the world, from the
+        model's training captions): for an open-vocabulary judge the sentence frames of
+        :data:`~erasekit.evaluation.prompts.OPEN_FRAMES` around the same phrases and unrelated prompts.
+        A judge without a paraphrase family returns {}."""
+        from .prompts import open_paraphrase_sets
+
+        return open_paraphrase_sets(spec, axis, n, seed=seed, unrelated=unrelated)
+
+    def paraphrase_family(self) -> str:
+        """What the paraphrase family is, as metrics.json and the report record it."""
+        from .prompts import OPEN_FRAMES, OPEN_GRAMMAR_VERSION
+
+        return (f"erasekit.evaluation.prompts.OPEN_FRAMES v{OPEN_GRAMMAR_VERSION}: {len(OPEN_FRAMES)} sentence frames "
+                "disjoint from the templated sets and every method's and attack's default templates, same seeds")
 
 
 class WorldJudge(Judge):
@@ -101,11 +112,17 @@ class WorldJudge(Judge):
 
         return world_prompt_sets(spec, axis, label, n, seed)
 
-    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *,
-                        seed: int = 0) -> dict[str, PromptSet]:
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                        unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
         from .prompts import world_prompt_sets
 
-        return world_prompt_sets(spec, axis, label, n, seed, family="paraphrase")
+        return world_prompt_sets(spec, axis, label, n, seed, family="paraphrase")  # the world's own axes
+
+    def paraphrase_family(self) -> str:
+        from .paraphrase import FRAMES, GRAMMAR_VERSION
+
+        return (f"erasekit.evaluation.paraphrase v{GRAMMAR_VERSION}: {len(FRAMES)} sentence frames "
+                "disjoint from the training captions and the erase templates, same seeds")
 
     @torch.no_grad()
     def probs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
