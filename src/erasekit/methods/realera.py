@@ -5,7 +5,8 @@ Each erased row c is joined by mined neighbours c' with cos(c, c') in [near_min,
 norm), all sent to the anchor, so that prompts *associated* with the concept lose it too.
 Samples further out, cos in [far_min, far_max], join the preserve set with their original
 outputs, so that the edit stays local. No official code exists; the cosine bands are ours and
-exposed as settings. (The paper's LoRA stage comes with the fine-tuning family.)"""
+exposed as settings. The paper builds on MACE and adds a LoRA stage trained on the mined neighbours;
+erasekit implements the closed-form part only, on UCE's solve, and has no RealEra LoRA stage."""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """SPEED (Li et al., 2025): closed-form erasure restricted to the null space of the preserved
 concepts' embeddings, with influence-based prior filtering (IPF), directed prior augmentation
-(DPA) and invariant equality constraints (IEC) that pin the start token and the null prompt."""
+(DPA) and invariant equality constraints (IEC) that pin the start token and the null prompt.
+
+Erase rows follow the official code (``token=auto``): the last subject token of each prompt, or, when
+the one concept erased is nudity, every token after SOT (padding included), each sent to the anchor's
+row at the same position; ``token=last`` / ``token=all`` choose either for any concept."""
 
 from __future__ import annotations
 
@@ -29,6 +33,17 @@ class SPEEDConfig(ClosedFormConfig):
     constraints: bool = field(default=True, metadata={"help": "IEC: keep SOT and null-prompt outputs fixed"})
     kmeans: int = field(default=3, metadata={"help": "null-prompt centroids in the constraint set", "min": 1})
     seed: int = field(default=0, metadata={"help": "seed of DPA noise and k-means"})
+    token: str = field(default="auto", metadata={
+        "help": "erase rows: 'last' (each prompt's last subject token), 'all' (every row after SOT, padding "
+                "included, each sent to the anchor prompt's row at the same position), 'auto' (the official "
+                "code: 'all' when the one concept erased is nudity, 'last' otherwise)",
+        "choices": ("auto", "last", "all")})
+
+    def erase_rows(self, concepts: list[ConceptSpec]) -> str:
+        """The row policy ``token`` resolves to for these concepts."""
+        if self.token != "auto":
+            return self.token
+        return "all" if [c.target.strip().lower() for c in concepts] == ["nudity"] else "last"
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> torch.Tensor:
@@ -75,11 +90,18 @@ class SPEED(ClosedFormMethod):
         with timer.part("encode_text"):
             enc_null = adapter.encode([""])
         with timer.part("solve"):
-            c, g = enc_e.last_subject().cpu().to(DTYPE), enc_a.last_subject().cpu().to(DTYPE)
+            rows = cfg.erase_rows(concepts)
+            if rows == "all":  # the official nudity branch: every token after SOT, E^T E summed over them
+                d = enc_e.embeds.shape[-1]
+                c = enc_e.embeds[:, 1:].reshape(-1, d).cpu().to(DTYPE)
+                g = enc_a.embeds[:, 1:].reshape(-1, d).cpu().to(DTYPE)
+            else:
+                c, g = enc_e.last_subject().cpu().to(DTYPE), enc_a.last_subject().cpu().to(DTYPE)
             null = enc_null.embeds[0].cpu().to(DTYPE)
             r_all = enc_r.last_subject().cpu().to(DTYPE) if enc_r is not None else null[1:]
             m = Moments(c.shape[-1])
-            m.add_erase(c, g, weight=1.0 / len(c))  # means, as the official code (alpha is relative to them)
+            # means over prompts, as the official code (alpha is relative to them)
+            m.add_erase(c, g, weight=1.0 / len(enc_e))
             k_mat = torch.cat([null[:1], kmeans(null[1:], cfg.kmeans, cfg.seed)]).T if cfg.constraints else None
             mr = Moments(c.shape[-1])  # the residuals are reported on plain sums over every retain row
             mr.add_erase(c, g)
@@ -88,7 +110,7 @@ class SPEED(ClosedFormMethod):
             sol = solve_layers(layers, per_layer, mr)
         for name, info in per_layer.info.items():
             sol.residuals[name].update(info)
-        sol.extra.update(n_erase_prompts=len(pb.erase), n_retain_prompts=len(pb.preserve))
+        sol.extra.update(n_erase_prompts=len(pb.erase), n_retain_prompts=len(pb.preserve), erase_rows=rows)
         return sol
 
 
