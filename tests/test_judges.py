@@ -274,3 +274,36 @@ def test_eval_cli_judge_errors_are_one_line(tmp_path):
     r = runner.invoke(app, ["eval", "--concept", "star", "--judge", "gpt", "-o", str(tmp_path / "r")])
     assert r.exit_code != 0 and "unknown judge" in r.output and "clip" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_clip_score_is_clips_cosine_to_each_images_own_prompt(tiny_clip, tmp_path):
+    """CLIPScore = 100 max(cos, 0), by hand against the model; an evaluation with the CLIP judge reports it per
+    set, before and after, with the paired change (an erased concept's target images move away from their text)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    judge = ClipJudge(model=str(tiny_clip))
+    images = torch.rand(3, 3, 40, 48) * 2 - 1
+    prompts = ["a photo of van gogh", "monet", "a photo of van gogh"]
+    got = judge.clip_score(images, prompts)
+    model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPTokenizer.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        t = model.get_text_features(**tok(prompts, padding=True, return_tensors="pt"))
+        i = model.get_image_features(pixel_values=judge.preprocess(images))
+        t = t if isinstance(t, torch.Tensor) else t.pooler_output
+        i = i if isinstance(i, torch.Tensor) else i.pooler_output
+    want = 100 * (F.normalize(i, dim=-1) * F.normalize(t, dim=-1)).sum(-1).clamp(min=0)
+    assert torch.allclose(got, want, atol=1e-4)
+    with pytest.raises(InvalidInputError, match="one prompt per image"):
+        judge.clip_score(images, prompts[:2])
+    spec = ConceptSpec("van gogh", neighbours=("monet",))
+    res = evaluate(ColourPipe(erase="van gogh"), [spec], seeds=range(4), judge=judge, cache=ImageCache(tmp_path),
+                   sampling={"num_inference_steps": 1, "guidance_scale": 1.0}, paraphrase=False)
+    cs = res.concepts[0].metrics["clip_score"]
+    assert set(cs) == {"target", "generality", "neighbours", "unrelated"}
+    assert set(cs["target"]) == {"original", "patched", "change"}
+    assert cs["neighbours"]["change"]["value"] == 0  # the stand-in draws monet alike with and without the edit
+    assert cs["target"]["change"]["value"] == pytest.approx(cs["target"]["patched"]["value"]
+                                                           - cs["target"]["original"]["value"], abs=1e-6)
+    from erasekit.evaluation.report import render_report
+
+    assert "CLIPScore, unrelated" in render_report(res)

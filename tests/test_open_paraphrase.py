@@ -108,6 +108,7 @@ def test_an_open_evaluation_scores_the_paraphrase_family_and_says_what_it_is(tmp
     res = evaluate(pipe, [spec], seeds=range(8), judge=judge, cache=ImageCache(tmp_path), sampling=sampling)
     c = res.concepts[0]
     assert c.paraphrase is not None
+    assert "clip_score" not in c.metrics  # a detector reads no text
     assert c.paraphrase["generality_original"]["value"] == 1.0  # the synonym drawn in every frame
     assert set(c.prompts) >= {"paraphrase/target", "paraphrase/generality", "paraphrase/unrelated"}
     assert all(p in pipe.seen for p in c.prompts["paraphrase/generality"])

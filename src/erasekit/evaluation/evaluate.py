@@ -28,6 +28,7 @@ from .metrics import (
     harmonic_scores,
     specificity,
 )
+from .metrics.clip_score import clip_scores
 from .metrics.fidelity import check_features
 from .prompts import PromptSet, load_unrelated, read_prompt_lines
 from .stats import METHOD
@@ -300,6 +301,11 @@ def _family_metrics(judge: Judge, sets: Mapping[str, PromptSet], sc: dict[str, d
             (sc["target"][v]["detected"], cl["target"]),
             [(kept_outcomes[p][v], cl[p]) for p in ("neighbours", "unrelated") if p in kept_outcomes],
             (sc["generality"][v]["detected"], cl["generality"]) if "generality" in sc else None)
+    # CLIPScore against each image's own prompt (not for sets generated from embeddings: their text only
+    # describes them)
+    clip = clip_scores(judge, {n: list(ps.prompts) for n, ps in sets.items() if ps.embeddings is None}, imgs, cl)
+    if clip is not None:
+        m["clip_score"] = clip
     kept = list(parts) or ["target"]  # fidelity on the prompts that should not change, where there are any
     m.update(fidelity(judge, np.concatenate([imgs[p]["original"] for p in kept]),
                       np.concatenate([imgs[p]["patched"] for p in kept]), fid_features,

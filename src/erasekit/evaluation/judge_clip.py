@@ -193,6 +193,19 @@ class ClipJudge(Judge):
         return (x - mean) / std
 
     @torch.no_grad()
+    def clip_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIPScore of each image against its own prompt: ``100 * max(cos(image, text), 0)`` (Hessel et al.,
+        2021, with w = 100 as torchmetrics' CLIPScore and the erasure papers' tables)."""
+        if len(prompts) != len(images):
+            raise InvalidInputError(f"clip_score needs one prompt per image ({len(prompts)} for {len(images)})")
+        unique = list(dict.fromkeys(prompts))
+        text = torch.cat([F.normalize(self._encode_text(unique[i:i + self.batch_size]).float(), dim=-1).cpu()
+                          for i in range(0, len(unique), self.batch_size)])
+        row = {p: i for i, p in enumerate(unique)}
+        t = text[[row[p] for p in prompts]]
+        return 100 * (self.features(images) * t).sum(-1).clamp(min=0)
+
+    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):

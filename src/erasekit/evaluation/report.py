@@ -168,6 +168,14 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
         parts.append(f"<section id='concept-{html.escape(c.label)}'><h2>Concept: {html.escape(c.concept)}</h2>"
                      f"<h3>Metrics (95% intervals, prompts resampled)</h3><table>{head}")
         parts.extend(_side_by_side(m, p))
+        for name, scores in (m.get("clip_score") or {}).items():
+            para_scores = ((p or {}).get("clip_score") or {}).get(name)
+            cells = f"<td>{_est(scores['original'])}</td><td>{_est(scores['patched'])}</td>"
+            if p is not None:
+                cells += (f"<td class='para'>{_est(para_scores['original'])}</td><td class='para'>"
+                          f"{_est(para_scores['patched'])}</td>") if para_scores else "<td>&ndash;</td><td>&ndash;</td>"
+            parts.append(f"<tr><td>CLIPScore, {html.escape(name)} (image vs its own prompt, 100 max(cos, 0))</td>{cells}"
+                         f"<td>{'lower' if name in ('target', 'generality') else 'higher'}</td></tr>")
         span = 4 if p is not None else 2
         d = m["distribution"]
         if "fid" in d:
