@@ -1,6 +1,10 @@
 """RECE, Reliable and Efficient Concept Erasure (Gong et al., 2024): start from UCE, then for N
 rounds find, in closed form, the text-embedding sequence that makes the edited model reproduce
-the original model's keys/values for the concept, and erase that sequence too."""
+the original model's keys/values for the concept, and erase that sequence too.
+
+The number of rounds is fixed (``rounds``). The official nudity runs also keep the round whose images
+NudeNet flags least; erasekit does not generate images inside a fit, so pick among ``rounds=1..5`` with
+``erasekit eval --judge nudenet`` (the same seeds for each) where that selection matters."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """UCE, Unified Concept Editing (Gandikota et al., 2024): one closed-form edit of every
 cross-attention key/value projection that sends each concept's text rows to its anchor's
-outputs while holding preserve prompts' outputs, with a ridge pull towards the original."""
+outputs while holding preserve prompts' outputs, with a ridge pull towards the original.
+
+Erasure and moderation only: UCE's debiasing mode (targets mixed from several attributes' outputs, with
+ratios re-measured by CLIP on generated images over up to 30 iterations) is not implemented."""
 
 from __future__ import annotations
 
