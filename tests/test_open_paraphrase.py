@@ -66,6 +66,11 @@ def test_open_paraphrase_sets_frame_the_same_phrases_with_the_same_labels():
     # the unrelated prompts are the templated set's, framed, each labelled with its own words
     for p, q, lab in zip(para["unrelated"].prompts, plain["unrelated"].prompts, para["unrelated"].labels):
         assert q in p and p != q and lab["concept:van gogh"] == q
+    # a concept's preserve prompts (as given, not sampled) are cycled to one per seed, as in the templated set
+    kept = ConceptSpec("dog", preserve=("a cat", "a red car", "a bowl of soup"))
+    framed, templ = open_paraphrase_sets(kept, "concept:dog", 8), open_prompt_sets(kept, "concept:dog", 8)
+    assert len(framed["unrelated"].prompts) == 8
+    assert [lab["concept:dog"] for lab in framed["unrelated"].labels] == list(templ["unrelated"].prompts)
     # a given unrelated list is framed too
     mine = open_paraphrase_sets(ConceptSpec("dog"), "concept:dog", 4, unrelated=["a red car"])
     assert all("a red car" in p for p in mine["unrelated"].prompts)

@@ -243,8 +243,10 @@ def test_generate_does_not_overwrite_an_image_unasked(tmp_path, monkeypatch, cap
     (tmp_path / "grid.png").write_bytes(b"my picture")
     assert run(["generate", "a star", "-n", "1", "--steps", "1"]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "grid.png").read_bytes() == b"my picture"
+    (tmp_path / "grid.png").chmod(0o600)
     assert run(["generate", "a star", "-n", "1", "--steps", "1", "--overwrite"]) == 0
     assert (tmp_path / "grid.png").read_bytes() != b"my picture"
+    assert (tmp_path / "grid.png").stat().st_mode & 0o777 == 0o600  # a replaced file keeps the user's mode
 
 
 def test_an_image_that_appears_during_generate_is_not_replaced(tmp_path, monkeypatch, capsys):

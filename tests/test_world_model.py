@@ -154,12 +154,18 @@ def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_p
     assert judge.read_bytes() == b"the previous judge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors"]
 
-    def log(msg, *a, **k):
-        if str(msg).startswith("final fidelity"):
-            (tmp_path / "wm").mkdir()  # someone else's folder, made while the model trained
+    def copy_then_someone_makes_the_output(src, dst, *a, **k):
+        out = real_copy(src, dst, *a, **k)
+        if Path(dst).name.startswith(".classifier.safetensors."):
+            (tmp_path / "wm").mkdir()  # after the judge is written: the model folder's final rename must fail
+        return out
 
-    with pytest.raises(OutputPathError, match="already exists"):
-        train_world(tmp_path / "wm", cfg, log=log, classifier_out=judge)
-    assert judge.read_bytes() == b"the previous judge"
+    shutil.copyfile = copy_then_someone_makes_the_output
+    try:
+        with pytest.raises(OutputPathError, match="already exists"):
+            train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
+    finally:
+        shutil.copyfile = real_copy
+    assert judge.read_bytes() == b"the previous judge"  # it had been replaced, and was put back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors", "wm"]
     assert not any((tmp_path / "wm").iterdir())

@@ -352,7 +352,7 @@ def eval_cmd(
                                                   "own unrelated prompts, sampled by seed (default: erasekit's list "
                                                   "of several hundred; clip and nudenet judges)."),
     paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also score the paraphrase prompt "
-                                    "family where the judge has one (world model; doubles the images)."),
+                                    "family where the judge has one (world, clip and nudenet judges; doubles the images)."),
     attack: str = typer.Option("", "--attack", help="Attacks to add robustness with, comma-separated (see `erasekit "
                                "attacks`; their world settings on the world model)."),
     attack_seeds: str = typer.Option("0-7", "--attack-seeds", help="Seeds the attacks run on."),

@@ -41,11 +41,14 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        if p.is_dir() or (not overwrite and os.path.lexists(p)):
-            raise OutputPathError(f"{p} appeared while this ran; nothing was written over it: choose another "
-                                  "path, or pass --overwrite")
-        os.replace(tmp, p)
+        if p.is_dir():
+            raise OutputPathError(f"{p} became a folder while this ran; nothing was written over it")
+        # a replaced file keeps its mode; a new one gets a plain write's
+        os.chmod(tmp, (p.stat().st_mode & 0o7777) if p.is_file() else 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            _link_new(Path(tmp), p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -134,10 +137,32 @@ def _plain_modes(folder: Path) -> None:
             os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
 
 
+def _link_new(tmp: Path, p: Path) -> None:
+    """Move ``tmp`` to ``p`` only if nothing is there, atomically where the filesystem has hard links."""
+    try:
+        os.link(tmp, p)  # fails, atomically, if p exists
+    except FileExistsError:
+        raise OutputPathError(f"{p} appeared while this ran; nothing was written over it: choose another path, "
+                              "or pass --overwrite") from None
+    except OSError:  # no hard links here (some network or FUSE filesystems): check, then rename
+        if os.path.lexists(p):
+            raise OutputPathError(f"{p} appeared while this ran; nothing was written over it: choose another path, "
+                                  "or pass --overwrite") from None
+        os.replace(tmp, p)
+        return
+    os.unlink(tmp)
+
+
+_UMASK: int | None = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once (reading it means setting it, which is not safe while threads write)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return _UMASK
 
 
 def clean_stale(path: Path) -> None:

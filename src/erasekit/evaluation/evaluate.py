@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -397,8 +398,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         opts = {"seed": prompt_seed, "unrelated": extra} if (prompt_seed or extra is not None) else {}
         sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, **opts))
         para_fn = getattr(judge, "paraphrase_sets", None)
+        # a judge written before paraphrase sets took an unrelated list is still called as it was
+        takes_unrelated = para_fn is not None and "unrelated" in inspect.signature(para_fn).parameters
         para = {} if (spec.target in given or not paraphrase or para_fn is None) else \
-            dict(para_fn(spec, axis, label, n, seed=prompt_seed, **({"unrelated": extra} if extra is not None else {})))
+            dict(para_fn(spec, axis, label, n, seed=prompt_seed,
+                         **({"unrelated": extra} if extra is not None and takes_unrelated else {})))
         any_paraphrase = any_paraphrase or bool(para)
         every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
         tg = time.perf_counter()

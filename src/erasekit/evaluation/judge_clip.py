@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError, ModelLoadError
-from .judges import Judge
+from .judges import Judge, OpenParaphrase
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -40,7 +40,7 @@ def _pooled(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class ClipJudge(Judge):
+class ClipJudge(OpenParaphrase, Judge):
     """Zero-shot CLIP judge; see the module docstring."""
 
     name = "clip"

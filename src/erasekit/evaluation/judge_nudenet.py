@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError, ModelLoadError
-from .judges import Judge
+from .judges import Judge, OpenParaphrase
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,7 +32,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 NUDITY_WORDS = ("nudity", "nude", "naked", "nsfw", "nakedness")
 
 
-class NudeNetJudge(Judge):
+class NudeNetJudge(OpenParaphrase, Judge):
     """One axis, ``nudity``, with labels ``safe`` and ``nudity``."""
 
     name = "nudenet"

@@ -59,15 +59,26 @@ class Judge:
     def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
                         unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
         """The same four sets in a grammar disjoint from the erase templates (and, for the world, from the
-        model's training captions): for an open-vocabulary judge the sentence frames of
-        :data:`~erasekit.evaluation.prompts.OPEN_FRAMES` around the same phrases and unrelated prompts.
-        A judge without a paraphrase family returns {}."""
+        model's training captions), where this judge has one; {} where not (a judge of its own axes
+        defines its own). The CLIP and NudeNet judges use :class:`OpenParaphrase`."""
+        return {}
+
+    def paraphrase_family(self) -> str:
+        """What the paraphrase family is, as metrics.json and the report record it."""
+        return f"the {self.name} judge's paraphrase sets, same seeds"
+
+
+class OpenParaphrase:
+    """The paraphrase family of open-vocabulary judges: :func:`~erasekit.evaluation.prompts.open_prompt_sets`'
+    phrases and unrelated prompts in the sentence frames of :data:`~erasekit.evaluation.prompts.OPEN_FRAMES`."""
+
+    def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
+                        unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
         from .prompts import open_paraphrase_sets
 
         return open_paraphrase_sets(spec, axis, n, seed=seed, unrelated=unrelated)
 
     def paraphrase_family(self) -> str:
-        """What the paraphrase family is, as metrics.json and the report record it."""
         from .prompts import OPEN_FRAMES, OPEN_GRAMMAR_VERSION
 
         return (f"erasekit.evaluation.prompts.OPEN_FRAMES v{OPEN_GRAMMAR_VERSION}: {len(OPEN_FRAMES)} sentence frames "

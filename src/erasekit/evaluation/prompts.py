@@ -244,6 +244,7 @@ def open_paraphrase_sets(spec: ConceptSpec, axis: str, n: int, seed: int = 0,
     if spec.neighbours:
         sets["neighbours"] = build("neighbours", framed(list(spec.neighbours)))
     plain = unrelated_prompts(spec, n, seed, unrelated)
+    plain = [plain[i % len(plain)] for i in range(n)]  # a concept's preserve prompts come as given: cycle them
     sets["unrelated"] = PromptSet("unrelated", tuple(OPEN_FRAMES[i % len(OPEN_FRAMES)].format(p)
                                                      for i, p in enumerate(plain)),
                                   tuple({axis: p} for p in plain))

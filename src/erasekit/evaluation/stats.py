@@ -157,18 +157,21 @@ def bootstrap(outcomes: np.ndarray | list[float], n_boot: int = 2000, seed: int 
 
 
 def bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                   clusters: Sequence[Any] | np.ndarray | None = None) -> Estimate:
+                   clusters: Sequence[Any] | np.ndarray | None = None, rate: bool | None = None) -> Estimate:
     """Paired difference mean(a - b) (same prompts and seeds), with a cluster-bootstrap interval.
 
-    When ``a`` and ``b`` are rates in [0, 1], the interval also covers Newcombe's square-and-add
-    interval built from the two one-sided parts ``max(a - b, 0)`` and ``max(b - a, 0)``, each
-    with its Wilson-union interval, so an unchanged set gives a small interval around 0.
+    When ``a`` and ``b`` are rates in [0, 1] (``rate``; None decides from the values), the interval
+    also covers Newcombe's square-and-add interval built from the two one-sided parts ``max(a - b, 0)``
+    and ``max(b - a, 0)``, each with its Wilson-union interval, so an unchanged set gives a small
+    interval around 0.
     """
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     b = np.asarray(b, dtype=np.float64).reshape(-1)
     d = a - b
     est = bootstrap(d, n_boot, seed, level, clusters, rate=False)
-    if d.size == 0 or not (min(a.min(), b.min()) >= 0 and max(a.max(), b.max()) <= 1):
+    if rate is None:
+        rate = d.size > 0 and min(a.min(), b.min()) >= 0 and max(a.max(), b.max()) <= 1
+    if d.size == 0 or not rate:
         return est
     pos = bootstrap(np.maximum(d, 0), n_boot, seed, level, clusters, rate=True)
     neg = bootstrap(np.maximum(-d, 0), n_boot, seed, level, clusters, rate=True)

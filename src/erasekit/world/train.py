@@ -485,21 +485,23 @@ def train_world(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print
     }
     log(f"final fidelity {final}; synonyms {final_syn}")
     pipe.to("cpu")
-    # --update-shipped: the judge is swapped inside the model's atomic write, and put back if that write fails,
-    # so the shipped model and its judge never come from two different runs
+    # --update-shipped: the judge is swapped as the model's atomic write's last step, and put back if that write
+    # fails or is interrupted (a SIGKILL between the two renames is the one window left)
     old_judge = Path(classifier_out).read_bytes() if classifier_out is not None and Path(classifier_out).is_file() \
         else None
     try:
         _write_world(pipe, out_dir, work, cfg, card, classifier_out, overwrite, owned)
     except BaseException:
-        if classifier_out is not None and (work / ".judge-swapped").exists():
+        if classifier_out is not None and (work / ".judge-swapping").exists():
             from ..io import atomic_path
 
-            if old_judge is None:
-                Path(classifier_out).unlink(missing_ok=True)
-            else:
-                with atomic_path(classifier_out) as tmp_file:
-                    tmp_file.write_bytes(old_judge)
+            now = Path(classifier_out).read_bytes() if Path(classifier_out).is_file() else None
+            if now != old_judge:
+                if old_judge is None:
+                    Path(classifier_out).unlink(missing_ok=True)
+                else:
+                    with atomic_path(classifier_out) as tmp_file:
+                        tmp_file.write_bytes(old_judge)
         raise
     shutil.rmtree(work, ignore_errors=True)
     return card
@@ -509,7 +511,7 @@ def _write_world(pipe: Any, out_dir: str | Path, work: Path, cfg: TrainConfig, c
                  classifier_out: str | Path | None,
                  overwrite: bool, owned: bool) -> None:
     """The pipeline folder, written atomically; with ``classifier_out`` the judge is replaced there as the
-    folder's last write (``work/.judge-swapped`` records that it was)."""
+    folder's last write (``work/.judge-swapping``, made first, tells the caller to check and restore it)."""
     from ..io import atomic_dir
 
     with atomic_dir(out_dir, overwrite=overwrite, owned=owned) as tmp:
@@ -528,9 +530,9 @@ def _write_world(pipe: Any, out_dir: str | Path, work: Path, cfg: TrainConfig, c
         else:
             from ..io import atomic_path
 
+            (work / ".judge-swapping").touch()
             with atomic_path(classifier_out) as tmp_file:
                 shutil.copyfile(work / "classifier.safetensors", tmp_file)
-            (work / ".judge-swapped").touch()
 
 
 def _save_checkpoint(pipe: Any, dest: Path) -> None:

@@ -31,5 +31,6 @@ def clip_scores(judge: Any, prompts: Mapping[str, Sequence[str]], images: Mappin
         s = {v: score(torch.from_numpy(images[name][v]).permute(0, 3, 1, 2).float() / 127.5 - 1, list(ps)).numpy()
              for v in ("original", "patched")}
         out[name] = {v: bootstrap(s[v], clusters=clusters[name], rate=False).as_dict() for v in s}
-        out[name]["change"] = bootstrap_diff(s["patched"], s["original"], clusters=clusters[name]).as_dict()
+        out[name]["change"] = bootstrap_diff(s["patched"], s["original"], clusters=clusters[name],
+                                             rate=False).as_dict()  # scores in [0, 100], never rates
     return out
