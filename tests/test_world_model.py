@@ -121,7 +121,7 @@ def test_a_broad_grammar_run_saves_the_tokenizer_its_text_encoder_learned(tmp_pa
 
 
 @pytest.mark.slow  # one short world-training run (about 15 s on 2 cores)
-def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_path):
+def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_path, monkeypatch):
     """With ``classifier_out`` (what --update-shipped names) the judge is swapped as the model folder's last
     write; a failure of that folder's rename (here: the output appears during the run) puts the old judge
     back, so a model and a judge from two different runs are never left side by side."""
@@ -145,12 +145,9 @@ def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_p
         return real_copy(src, dst, *a, **k)
 
     # the judge cannot be written: the model folder is not written either (before, it was, beside the old judge)
-    shutil.copyfile = full_disk
-    try:
-        with pytest.raises(OSError, match="No space left"):
-            train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
-    finally:
-        shutil.copyfile = real_copy
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
     assert judge.read_bytes() == b"the previous judge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors"]
 
@@ -160,12 +157,9 @@ def test_update_shipped_puts_the_old_judge_back_when_the_model_write_fails(tmp_p
             (tmp_path / "wm").mkdir()  # after the judge is written: the model folder's final rename must fail
         return out
 
-    shutil.copyfile = copy_then_someone_makes_the_output
-    try:
-        with pytest.raises(OutputPathError, match="already exists"):
-            train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
-    finally:
-        shutil.copyfile = real_copy
+    monkeypatch.setattr(shutil, "copyfile", copy_then_someone_makes_the_output)
+    with pytest.raises(OutputPathError, match="already exists"):
+        train_world(tmp_path / "wm", cfg, log=lambda *a, **k: None, classifier_out=judge)
     assert judge.read_bytes() == b"the previous judge"  # it had been replaced, and was put back
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors", "wm"]
     assert not any((tmp_path / "wm").iterdir())
