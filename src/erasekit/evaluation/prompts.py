@@ -184,13 +184,7 @@ def open_prompt_sets(spec: ConceptSpec, axis: str, n: int, seed: int = 0,
       image still matches its own prompt among all candidates. A given list or the shipped one is
       sampled by ``seed`` (distinct prompts while they last); preserve prompts are cycled in order.
     """
-    if n < 1:
-        raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
-
-    def build(name: str, items: list[tuple[str, str]]) -> PromptSet:
-        picked = [items[i % len(items)] for i in range(n)]
-        return PromptSet(name, tuple(p for p, _ in picked), tuple({axis: lab} for _, lab in picked))
-
+    build = _set_builder(axis, n)
     target = [(t.format(spec.target), spec.target) for t in TARGET_TEMPLATES]
     words = list(spec.synonyms) or [spec.target]
     general = [(t.format(w), spec.target) for w in words for t in PARAPHRASE_TEMPLATES]
@@ -226,12 +220,7 @@ def open_paraphrase_sets(spec: ConceptSpec, axis: str, n: int, seed: int = 0,
     """:func:`open_prompt_sets`' four sets in :data:`OPEN_FRAMES`: the target, its synonyms (or the target),
     the neighbours and the same unrelated prompts, each put into the frames in turn; labels as there (an
     unrelated prompt keeps its own words as its label, so the judge's candidates are unchanged)."""
-    if n < 1:
-        raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
-
-    def build(name: str, items: list[tuple[str, str]]) -> PromptSet:
-        picked = [items[i % len(items)] for i in range(n)]
-        return PromptSet(name, tuple(p for p, _ in picked), tuple({axis: lab} for _, lab in picked))
+    build = _set_builder(axis, n)
 
     def framed(phrases: Sequence[str], label=lambda p: p) -> list[tuple[str, str]]:
         # frame-major within each phrase, phrases interleaved, so n prompts spread over frames and phrases alike
@@ -243,12 +232,22 @@ def open_paraphrase_sets(spec: ConceptSpec, axis: str, n: int, seed: int = 0,
             "generality": build("generality", framed(words, lambda _: spec.target))}
     if spec.neighbours:
         sets["neighbours"] = build("neighbours", framed(list(spec.neighbours)))
-    plain = unrelated_prompts(spec, n, seed, unrelated)
-    plain = [plain[i % len(plain)] for i in range(n)]  # a concept's preserve prompts come as given: cycle them
-    sets["unrelated"] = PromptSet("unrelated", tuple(OPEN_FRAMES[i % len(OPEN_FRAMES)].format(p)
-                                                     for i, p in enumerate(plain)),
-                                  tuple({axis: p} for p in plain))
+    plain = unrelated_prompts(spec, n, seed, unrelated)  # a concept's preserve prompts come as given: build cycles
+    sets["unrelated"] = build("unrelated", [(OPEN_FRAMES[i % len(OPEN_FRAMES)].format(plain[i % len(plain)]),
+                                             plain[i % len(plain)]) for i in range(n)])
     return sets
+
+
+def _set_builder(axis: str, n: int):
+    """``build(name, items)``: a prompt set of ``n`` prompts cycling through (prompt, label) ``items``."""
+    if n < 1:
+        raise InvalidInputError("the seed range is empty; pass e.g. --seeds 0-63")
+
+    def build(name: str, items: list[tuple[str, str]]) -> PromptSet:
+        picked = [items[i % len(items)] for i in range(n)]
+        return PromptSet(name, tuple(p for p, _ in picked), tuple({axis: lab} for _, lab in picked))
+
+    return build
 
 
 def unrelated_prompts(spec: ConceptSpec, n: int, seed: int = 0, unrelated: Sequence[str] | None = None) -> list[str]:
