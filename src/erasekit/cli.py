@@ -296,6 +296,12 @@ def _summary_table(result) -> None:
                 t.add_row(name, *(fmt(f.get(key)) for f in fams.values()))
         out.print(t)
     for c in result.concepts:
+        r = c.metrics.get("reference_fid")
+        if r and "skipped" not in r:
+            out.print(f"{c.concept}: FID to {r['n_reference']} reference images ({', '.join(r['prompt_sets'])} "
+                      f"prompts, {r['original']['n_images']} images) {r['original']['fid']:.3f} before, "
+                      f"{r['patched']['fid']:.3f} after (lower is better)")
+    for c in result.concepts:
         if c.robustness:
             t = Table(title=f"robustness of the erasure of {c.concept!r}: attack success, 95% intervals")
             for col in ("attack", "pre-attack", "post-attack (lower is better)"):
@@ -351,6 +357,9 @@ def eval_cmd(
     unrelated_file: Optional[Path] = typer.Option(None, "--unrelated-file", help="UTF-8 text, one prompt a line: your "
                                                   "own unrelated prompts, sampled by seed (default: erasekit's list "
                                                   "of several hundred; clip and nudenet judges)."),
+    reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images (e.g. "
+                                                    "the photographs of your --unrelated-file captions): adds FID/KID "
+                                                    "of the unrelated prompts' images, before and after, against them."),
     paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also score the paraphrase prompt "
                                     "family where the judge has one (world, clip and nudenet judges; doubles the images)."),
     attack: str = typer.Option("", "--attack", help="Attacks to add robustness with, comma-separated (see `erasekit "
@@ -374,6 +383,10 @@ def eval_cmd(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         unrelated = load_unrelated(unrelated_file) if unrelated_file is not None else None
+        if reference_images is not None:
+            from .evaluation.metrics.fidelity import reference_files
+
+            reference_files(reference_images)  # a bad folder fails before the model and judge load
         attack_names = [a.strip() for a in attack.split(",") if a.strip()]
         if attack_names:
             from .attacks import get_attack
@@ -393,7 +406,7 @@ def eval_cmd(
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
             result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force,
                               fid_features=fid_features, unrelated=unrelated, paraphrase=paraphrase,
-                              attacks=attack_names, attack_seeds=parse_seeds(attack_seeds) if attack_names else None)
+                              reference_images=reference_images, attacks=attack_names, attack_seeds=parse_seeds(attack_seeds) if attack_names else None)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)

@@ -30,7 +30,7 @@ from .metrics import (
     specificity,
 )
 from .metrics.clip_score import clip_scores
-from .metrics.fidelity import check_features
+from .metrics.fidelity import check_features, reference_distances, reference_files
 from .prompts import PromptSet, load_unrelated, read_prompt_lines
 from .stats import METHOD
 
@@ -321,7 +321,8 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
              fid_features: str = "judge",
              prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None, paraphrase: bool = True,
              unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0,
-             attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None) -> EvalResult:
+             attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None,
+             reference_images: str | Path | None = None) -> EvalResult:
     """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
     ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
@@ -331,7 +332,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     their drop against the unpatched model), MACE's harmonic score (interval by resampling each
     set's prompts), fidelity to the original (judge-feature distance per seed; FID/KID, point
     estimates, in the judge's features or, with ``fid_features="inception"``, torchmetrics'
-    Inception features), and cost.
+    Inception features), and cost. ``reference_images`` (a folder of real images, e.g. the
+    photographs of the ``unrelated`` captions) adds FID/KID of the original's and the patched
+    model's images on the unrelated prompts against them (``ConceptResult.metrics["reference_fid"]``,
+    templated family; :func:`~erasekit.evaluation.metrics.reference_distances`): the utility figure
+    the papers publish as COCO FID, here with as many generated images as seeds.
 
     Two prompt families: the judge's templated sets (on the world model, its training caption
     templates; on a real checkpoint "{}", "a photo of {}"..., what most methods fit on) and, with
@@ -366,6 +371,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     patches = _edits(patch)
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     extra = _unrelated(unrelated, judge)
+    ref_files = None
+    if reference_images is not None:
+        if fid_features == "judge" and not getattr(judge, "image_features", True):
+            raise InvalidInputError(f"the {judge.name} judge has no image features to compare reference images in; "
+                                    "use --fid-features inception, or another judge")
+        ref_files = reference_files(reference_images)
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
     given = _check_prompt_sets(prompt_sets, specs, len(seeds))
@@ -420,6 +431,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         sc = {name: {v: _score(judge, imgs[name][v], ps, axis, label) for v in ("original", "patched")}
               for name, ps in every.items()}
         m = _family_metrics(judge, sets, {k: sc[k] for k in sets}, {k: imgs[k] for k in sets}, fid_features)
+        if ref_files is not None:
+            # the prompts that should not change, and among them those real photographs can stand for
+            ref_sets = ["unrelated"] if "unrelated" in sets else [p for p in ("neighbours",) if p in sets] or ["target"]
+            m["reference_fid"] = {"prompt_sets": ref_sets, **reference_distances(
+                judge, ref_files, {v: np.concatenate([imgs[p][v] for p in ref_sets]) for v in ("original", "patched")},
+                fid_features)}
         pm = None
         if para:
             pm = _family_metrics(judge, para, {k: sc[PARAPHRASE + k] for k in para},
@@ -448,6 +465,8 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                 "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features,
                 "prompt_families": families, "prompt_seed": prompt_seed,
                 "unrelated_prompts": "given" if extra is not None else "shipped or the concepts' preserve prompts",
+                "reference_images": None if ref_files is None else {"folder": str(Path(reference_images)),
+                                                                   "n": len(ref_files)},
                 "bootstrap": dict(METHOD)}
     if attack_objs:
         settings["attacks"] = {"names": [a.name for a in attack_objs], "seeds": a_seeds}

@@ -36,6 +36,7 @@ class NudeNetJudge(OpenParaphrase, Judge):
     """One axis, ``nudity``, with labels ``safe`` and ``nudity``."""
 
     name = "nudenet"
+    image_features = False
 
     def __init__(self, thresholds: dict[str, float] | str | None = None,
                  detector: Callable[[np.ndarray], list[dict[str, Any]]] | None = None) -> None:

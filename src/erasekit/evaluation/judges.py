@@ -24,6 +24,8 @@ class Judge:
 
     name: ClassVar[str]
     version: str = "0"
+    #: whether ``features`` gives an embedding (a detector's does not): FID/KID in the judge's space need one
+    image_features: ClassVar[bool] = True
 
     def axes(self) -> dict[str, list[str]]:  # pragma: no cover - interface
         raise NotImplementedError

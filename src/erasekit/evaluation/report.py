@@ -111,6 +111,21 @@ def _fid_cells(m: dict[str, Any]) -> tuple[str, str]:
             f"<td>0</td><td>{d['fid']:.3f} / {d['kid']:.4f}</td>")
 
 
+def _reference_row(r: dict[str, Any] | None, para: bool) -> str:
+    """FID / KID of the templated family's unrelated images against the user's reference images."""
+    if not r:
+        return ""
+    what = (f"FID / KID vs {r.get('n_reference', '?')} reference images ({html.escape(', '.join(r['prompt_sets']))}"
+            " prompts")
+    rest = "<td>&ndash;</td><td>&ndash;</td>" if para else ""
+    if "skipped" in r:
+        return f"<tr><td>{what})</td><td colspan='2'>{html.escape(r['skipped'])}</td>{rest}<td>lower</td></tr>"
+    o, q = r["original"], r["patched"]
+    return (f"<tr><td>{what}, {o['n_images']} images each; {html.escape(r['feature_space'])}; point estimates, "
+            f"biased upwards at few images)</td><td>{o['fid']:.3f} / {o['kid']:.4f}</td><td>{q['fid']:.3f} / "
+            f"{q['kid']:.4f}</td>{rest}<td>lower</td></tr>")
+
+
 def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str:
     s = result.settings
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -185,10 +200,12 @@ def render_report(result: EvalResult, title: str = "erasekit evaluation") -> str
                          f"<td>lower</td></tr>"
                          f"<tr><td>FID / KID vs original ({html.escape(d['feature_space'])}; point estimates without "
                          "an interval; KID is unbiased, so it reads below 0 for sets as alike as same-seed pairs)</td>"
-                         f"{t_fid}{p_fid}<td>lower</td></tr></table>")
+                         f"{t_fid}{p_fid}<td>lower</td></tr>")
         else:
             parts.append(f"<tr><td>Fidelity to original</td><td colspan='{span + 1}'>"
-                         f"{html.escape(str(d.get('skipped')))}</td></tr></table>")
+                         f"{html.escape(str(d.get('skipped')))}</td></tr>")
+        parts.append(_reference_row(m.get("reference_fid"), p is not None))
+        parts.append("</table>")
         for name in (*SET_TITLES, *(PARAPHRASE + k for k in SET_TITLES)):
             if name not in c.images:
                 continue

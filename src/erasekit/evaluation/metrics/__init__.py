@@ -14,10 +14,11 @@ resamples prompts with all their seeds (:mod:`erasekit.evaluation.stats`; FID/KI
 
 from .cost import eval_cost, fit_cost
 from .efficacy import efficacy
-from .fidelity import distribution_distances, feature_distance, fidelity
+from .fidelity import distribution_distances, feature_distance, fidelity, reference_distances
 from .generality import generality
 from .harmonic import harmonic, harmonic_interval, harmonic_scores
 from .specificity import specificity
 
 __all__ = ["distribution_distances", "efficacy", "eval_cost", "feature_distance", "fidelity", "fit_cost",
+           "reference_distances",
            "generality", "harmonic", "harmonic_interval", "harmonic_scores", "specificity"]
