@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from erasekit.errors import InvalidInputError
 from erasekit.evaluation import ImageCache, evaluate
 from erasekit.evaluation.metrics import distribution_distances, reference_distances
-from erasekit.evaluation.metrics.fidelity import load_reference, reference_files
+from erasekit.evaluation.metrics.fidelity import load_reference, reference_features, reference_files
 from erasekit.evaluation.report import render_report
 from erasekit.world.render import render
 from erasekit.world.vocab import AXES, CONCEPTS, Labels
@@ -42,6 +42,8 @@ def test_reference_fid_orders_sets_and_matches_the_in_memory_fid(tmp_path):
     assert r["n_reference"] == 30 and r["original"]["n_images"] == 24 and r["resized_to"] == [8, 8]
     # lossless PNGs at the generated size come back unchanged: the same FID as the in-memory sets
     assert r["original"]["fid"] == pytest.approx(distribution_distances(FeatureJudge(), ref, near)["fid"], rel=1e-6)
+    # and so does the set measured after the reset that keeps the reference features
+    assert r["patched"]["fid"] == pytest.approx(distribution_distances(FeatureJudge(), ref, far)["fid"], rel=1e-6)
     # streamed a few images at a time: the same figures (only the features are kept)
     small = reference_distances(FeatureJudge(), files, {"original": near, "patched": far}, chunk=7)
     for v in ("original", "patched"):
@@ -66,6 +68,24 @@ def test_references_are_centre_cropped_to_the_generated_aspect_and_resized(tmp_p
     assert abs(out[..., 0].mean() - grey[10:20].mean()) < 12
 
 
+def test_16_bit_grey_transparent_and_rotated_references_read_as_they_look(tmp_path):
+    grey = np.full((6, 6), 32768, np.uint16)  # mid-grey in 16 bits: not clipped to white
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert abs(int(load_reference(tmp_path / "grey16.png", 6, 6).mean()) - 128) <= 1
+    rgba = np.zeros((6, 6, 4), np.uint8)
+    rgba[..., 0] = 255  # red under a fully transparent alpha: white, as a viewer shows it
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert (load_reference(tmp_path / "clear.png", 6, 6) == 255).all()
+    tall = np.zeros((12, 4, 3), np.uint8)
+    tall[:6] = 255  # white top half
+    im = Image.fromarray(tall)
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to show
+    im.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    shown = load_reference(tmp_path / "rotated.jpg", 4, 12)  # shown 12 wide, 4 tall: no crop needed
+    assert shown.shape == (4, 12, 3) and shown[:, :4].mean() < 60 and shown[:, -4:].mean() > 200
+
+
 def test_bad_reference_folders_fail_in_one_line(tmp_path):
     with pytest.raises(InvalidInputError, match="does not exist"):
         reference_files(tmp_path / "nope")
@@ -79,6 +99,12 @@ def test_bad_reference_folders_fail_in_one_line(tmp_path):
     (tmp_path / "one" / "b.png").write_bytes(b"this is no png")
     with pytest.raises(InvalidInputError, match=r"could not read the reference image .*b\.png"):
         reference_files(tmp_path / "one")
+    # a damaged file whose header reads: caught where it is decoded, still in one line
+    whole = (tmp_path / "one" / "a.png").read_bytes()
+    (tmp_path / "one" / "b.png").write_bytes(whole[: len(whole) // 2])
+    files = reference_files(tmp_path / "one")
+    with pytest.raises(InvalidInputError, match=r"could not decode the reference image .*b\.png"):
+        reference_features(FeatureJudge(), files, 8, 8)
     good = _folder(tmp_path / "good", _images(100, n=3))
     # a detector has no features: skipped, not a crash
     r = reference_distances(DetectorJudge(), reference_files(good), {"original": _images(100, n=3)})
@@ -121,7 +147,23 @@ def test_eval_refuses_reference_images_it_cannot_use_before_generating(tmp_path)
                  cache=ImageCache(tmp_path / "c"), reference_images=ref)
     with pytest.raises(InvalidInputError, match="does not exist"):
         evaluate(pipe, "star", seeds=range(2), cache=ImageCache(tmp_path / "c"), reference_images=tmp_path / "x")
+    with pytest.raises(InvalidInputError, match="at least 2 seeds"):
+        evaluate(pipe, "star", seeds=[0], cache=ImageCache(tmp_path / "c"), reference_images=ref)
     assert pipe.calls == 0
+
+
+def test_eval_never_measures_the_target_images_against_the_references(tmp_path):
+    from erasekit.evaluation.prompts import PromptSet
+
+    ref = _folder(tmp_path / "ref", _renders(6, seed=6))
+    target = PromptSet("target", tuple("a red star" for _ in range(4)),
+                       tuple({"shape": "star", "colour": "red"} for _ in range(4)))
+    res = evaluate(RenderPipe(), "star", seeds=range(4), cache=ImageCache(tmp_path / "c"), paraphrase=False,
+                   sampling={"num_inference_steps": 1, "guidance_scale": 1.0}, reference_images=ref,
+                   prompt_sets={"star": {"target": target}})
+    r = res.concepts[0].metrics["reference_fid"]
+    assert "no unrelated prompt set" in r["skipped"] and "original" not in r
+    assert "no unrelated prompt set" in render_report(res)
 
 
 def test_cli_eval_checks_the_reference_folder_first(tmp_path):

@@ -30,7 +30,7 @@ from .metrics import (
     specificity,
 )
 from .metrics.clip_score import clip_scores
-from .metrics.fidelity import check_features, reference_distances, reference_files
+from .metrics.fidelity import check_features, reference_distances, reference_features, reference_files
 from .prompts import PromptSet, load_unrelated, read_prompt_lines
 from .stats import METHOD
 
@@ -376,6 +376,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         if fid_features == "judge" and not getattr(judge, "image_features", True):
             raise InvalidInputError(f"the {judge.name} judge has no image features to compare reference images in; "
                                     "use --fid-features inception, or another judge")
+        if len(seeds) < 2:
+            raise InvalidInputError("reference FID needs at least 2 seeds (one unrelated image each); pass e.g. "
+                                    "--seeds 0-63")
         ref_files = reference_files(reference_images)
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
     resolved = [(s, *judge.prepare(s)) for s in specs]  # fail early on unknown concepts
@@ -399,6 +402,15 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     patched_state = edits_key(state, patches)
     patch_key = "+".join(p.digest for p in patches) or "none"
     samp = _sampling(pipe, sampling)
+    ref_feats: dict[tuple[int, int], dict[str, Any]] = {}  # by image size: each reference image is embedded once
+
+    def ref_at(h: int, w: int) -> dict[str, Any]:
+        if (h, w) not in ref_feats:
+            ref_feats[h, w] = reference_features(judge, ref_files, h, w, fid_features)
+        return ref_feats[h, w]
+
+    if ref_files is not None and samp.get("height"):  # a diffusers pipeline: read the folder before generating
+        ref_at(int(samp["height"]), int(samp.get("width") or samp["height"]))
     hits0, miss0 = cache.hits, cache.misses
     results = []
     t_gen = 0.0
@@ -432,11 +444,14 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
               for name, ps in every.items()}
         m = _family_metrics(judge, sets, {k: sc[k] for k in sets}, {k: imgs[k] for k in sets}, fid_features)
         if ref_files is not None:
-            # the prompts that should not change, and among them those real photographs can stand for
-            ref_sets = ["unrelated"] if "unrelated" in sets else [p for p in ("neighbours",) if p in sets] or ["target"]
-            m["reference_fid"] = {"prompt_sets": ref_sets, **reference_distances(
-                judge, ref_files, {v: np.concatenate([imgs[p][v] for p in ref_sets]) for v in ("original", "patched")},
-                fid_features)}
+            # only the unrelated prompts: what real photographs can stand for (never the target's images)
+            if "unrelated" in sets:
+                un = imgs["unrelated"]
+                m["reference_fid"] = {"prompt_sets": ["unrelated"], **reference_distances(
+                    judge, ref_at(*un["original"].shape[1:3]), {v: un[v] for v in ("original", "patched")})}
+            else:
+                m["reference_fid"] = {"prompt_sets": [], "skipped": "no unrelated prompt set to compare with the "
+                                      "reference images"}
         pm = None
         if para:
             pm = _family_metrics(judge, para, {k: sc[PARAPHRASE + k] for k in para},
@@ -465,7 +480,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                 "patch_key": patch_key, "judge": judge.describe(), "fid_features": fid_features,
                 "prompt_families": families, "prompt_seed": prompt_seed,
                 "unrelated_prompts": "given" if extra is not None else "shipped or the concepts' preserve prompts",
-                "reference_images": None if ref_files is None else {"folder": str(Path(reference_images)),
+                "reference_images": None if ref_files is None else {"folder": str(ref_files[0].parent),
                                                                    "n": len(ref_files)},
                 "bootstrap": dict(METHOD)}
     if attack_objs:

@@ -79,8 +79,8 @@ def metric_rows(m: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows += [
         ("Specificity: neighbours correct", _est(m.get("specificity_neighbours_original")),
          _est(m.get("specificity_neighbours_patched")), "higher"),
-        ("Specificity: unrelated prompts correct", _est(m["specificity_unrelated_original"]),
-         _est(m["specificity_unrelated_patched"]), "higher"),
+        ("Specificity: unrelated prompts correct", _est(m.get("specificity_unrelated_original")),
+         _est(m.get("specificity_unrelated_patched")), "higher"),
     ]
     if "specificity_collateral_patched" in m:
         rows.append(("Collateral: other axes kept on the erased concept's own prompts",
@@ -115,11 +115,12 @@ def _reference_row(r: dict[str, Any] | None, para: bool) -> str:
     """FID / KID of the templated family's unrelated images against the user's reference images."""
     if not r:
         return ""
-    what = (f"FID / KID vs {r.get('n_reference', '?')} reference images ({html.escape(', '.join(r['prompt_sets']))}"
-            " prompts")
     rest = "<td>&ndash;</td><td>&ndash;</td>" if para else ""
     if "skipped" in r:
-        return f"<tr><td>{what})</td><td colspan='2'>{html.escape(r['skipped'])}</td>{rest}<td>lower</td></tr>"
+        return (f"<tr><td>FID / KID vs reference images</td><td colspan='2'>{html.escape(r['skipped'])}</td>{rest}"
+                "<td>lower</td></tr>")
+    what = (f"FID / KID vs {r['n_reference']} reference images ({html.escape(', '.join(r['prompt_sets']))}"
+            " prompts")
     o, q = r["original"], r["patched"]
     return (f"<tr><td>{what}, {o['n_images']} images each; {html.escape(r['feature_space'])}; point estimates, "
             f"biased upwards at few images)</td><td>{o['fid']:.3f} / {o['kid']:.4f}</td><td>{q['fid']:.3f} / "

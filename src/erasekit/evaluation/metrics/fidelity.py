@@ -15,7 +15,7 @@ space, and the change the edit makes.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +132,19 @@ def fidelity(judge: Any, original: np.ndarray, patched: np.ndarray, features: st
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_UNREADABLE = (OSError, ValueError, SyntaxError)  # what Pillow raises for a damaged file (plus DecompressionBombError)
+
+
+def _bad_image(e: BaseException) -> bool:
+    from PIL import Image
+
+    return isinstance(e, _UNREADABLE + (Image.DecompressionBombError,))
 
 
 def reference_files(path: str | Path) -> list[Path]:
-    """The image files (by suffix, sorted by name) of a folder of reference images, each opened to
-    check it is an image: called before anything is generated, so a bad folder fails at once."""
-    from PIL import Image, UnidentifiedImageError
+    """The image files (by suffix, sorted by name) of a folder of reference images, each one's
+    header read to check it is an image (fully decoded later, by :func:`reference_features`)."""
+    from PIL import Image
 
     from ...errors import InvalidInputError
 
@@ -155,23 +162,43 @@ def reference_files(path: str | Path) -> list[Path]:
         try:
             with Image.open(f) as im:
                 im.size  # noqa: B018  (reads the header only)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - narrowed by _bad_image
+            if not _bad_image(e):
+                raise
             raise InvalidInputError(f"could not read the reference image {f} ({type(e).__name__}); remove it from "
                                     "the folder or replace it") from None
     return files
 
 
+def _rgb(im: Any) -> Any:
+    """An opened image as 8-bit RGB: 16-bit greyscale scaled (not clipped), transparency composited
+    onto white, EXIF orientation applied."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" and a.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
 def load_reference(path: Path, height: int, width: int) -> np.ndarray:
-    """One reference image as uint8 (height, width, 3): RGB, centre-cropped to the generated images'
-    aspect ratio, then resized (bicubic) to their size, so both sets reach the feature extractor alike."""
+    """One reference image as uint8 (height, width, 3): RGB (:func:`_rgb`), centre-cropped to the
+    generated images' aspect ratio, then resized (bicubic) to their size, so both sets reach the
+    feature extractor alike."""
     from PIL import Image
 
     from ...errors import InvalidInputError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, ValueError) as e:
+        with Image.open(path) as opened:
+            im = _rgb(opened)
+    except Exception as e:  # noqa: BLE001 - narrowed by _bad_image
+        if not _bad_image(e):
+            raise
         raise InvalidInputError(f"could not decode the reference image {path} ({type(e).__name__}); remove it from "
                                 "the folder or replace it") from None
     w, h = im.size
@@ -186,48 +213,102 @@ def load_reference(path: Path, height: int, width: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def _chunks(files: Sequence[Path], height: int, width: int, chunk: int) -> Iterator[torch.Tensor]:
+class _Given(torch.nn.Module):
+    """Features already extracted, passed through to torchmetrics (so each image is embedded once)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def _extractor(judge: Any, features: str) -> tuple[Any, str]:
+    """(unit-float images -> features or None, the feature space's name)."""
+    if features == "judge":
+        return (lambda x: judge.features(x.float() * 2 - 1)), f"{judge.name} penultimate"
+    check_features(features)
+    net = _inception(4)[0].inception  # torchmetrics' InceptionV3 (uint8 input, resized inside)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+    return (lambda x: net((x * 255).round().byte().to(device)).cpu()), "torchmetrics InceptionV3 pool"
+
+
+def _embed(extract: Any, images: np.ndarray, chunk: int) -> torch.Tensor | None:
+    out = []
+    for i in range(0, len(images), chunk):
+        f = extract(_to_unit(images[i:i + chunk]))
+        if f is None:
+            return None
+        out.append(f.detach().double().cpu())
+    return torch.cat(out)
+
+
+def reference_features(judge: Any, files: Sequence[Path], height: int, width: int, features: str = "judge",
+                       chunk: int = 64) -> dict[str, Any]:
+    """The reference images' features, read ``chunk`` at a time at the generated size (only the
+    features are kept): ``{"features", "feature_space", "n", "size", "extract"}`` (``extract``
+    embeds generated images the same way), or ``{"skipped": why}``
+    for a judge without image features. Extract once, compare with many sets
+    (:func:`reference_distances`)."""
+    extract, space = _extractor(judge, features)
+    feats = []
     for i in range(0, len(files), chunk):
-        yield _to_unit(np.stack([load_reference(f, height, width) for f in files[i:i + chunk]]))
+        f = extract(_to_unit(np.stack([load_reference(p, height, width) for p in files[i:i + chunk]])))
+        if f is None:
+            return {"skipped": f"the {judge.name} judge has no image features"}
+        feats.append(f.detach().double().cpu())
+    x = torch.cat(feats)
+    return {"features": x, "feature_space": f"{space} ({x.shape[-1]}-d)", "n": len(files),
+            "size": [int(height), int(width)], "extract": extract}
 
 
-def reference_distances(judge: Any, files: Sequence[Path], generated: Mapping[str, np.ndarray],
-                        features: str = "judge", chunk: int = 64) -> dict[str, Any]:
+def reference_distances(judge: Any, reference: Sequence[Path] | Mapping[str, Any],
+                        generated: Mapping[str, np.ndarray], features: str = "judge",
+                        chunk: int = 64) -> dict[str, Any]:
     """FID and KID of each generated set (uint8 (N, H, W, 3); e.g. ``original`` and ``patched``)
-    against the reference images ``files``, read ``chunk`` at a time (only their features are kept).
+    against reference images: their files, or :func:`reference_features`' output for the same
+    image size and feature space (so a large folder is embedded once for many comparisons).
 
-    Returns ``{name: {"fid", "kid", "kid_std"}}`` for each set, ``fid_change`` (patched minus
-    original, where both are given), the numbers of images and the feature space. FID is biased
-    upwards at small N: compare figures only at the same numbers of images. Point estimates."""
+    Returns ``{name: {"fid", "kid", "kid_std", "n_images"}}`` for each set, ``fid_change``
+    (patched minus original, where both are given), the numbers of images and the feature space.
+    FID is biased upwards at small N: compare figures only at the same numbers of images. Point
+    estimates; KID over up to 100 random subsets of up to 1000 images (seeded)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     if not generated:
         raise ValueError("no generated set to compare with the reference images")
     sizes = {a.shape[1:3] for a in generated.values()}
     if len(sizes) != 1:
         raise ValueError(f"generated sets of different sizes {sorted(sizes)}")
     (height, width), = sizes
-    n = min(len(files), *(len(a) for a in generated.values()))
-    if features == "judge":
-        probe = judge.features(_to_unit(next(iter(generated.values()))[:1]) * 2 - 1)
-        if probe is None:
-            return {"skipped": f"the {judge.name} judge has no image features"}
-        dim = probe.shape[-1]
-        fid, kid = _metrics(lambda: _Features(judge, dim), n, keep_real=True)
-        space = f"{judge.name} penultimate ({dim}-d)"
-    else:
-        check_features(features)
-        fid, kid = _inception(n, keep_real=True)
-        space = "torchmetrics InceptionV3 pool (2048-d)"
-    for batch in _chunks(files, height, width, chunk):
-        fid.update(batch, real=True)
-        kid.update(batch, real=True)
+    ref = reference if isinstance(reference, Mapping) else \
+        reference_features(judge, reference, height, width, features, chunk)
+    if "skipped" in ref:
+        return {"skipped": ref["skipped"]}
+    if ref["size"] != [int(height), int(width)]:
+        raise ValueError(f"reference features were made at {ref['size']}, the images are {[height, width]}")
+    real = ref["features"]
+    n = min(len(real), *(len(a) for a in generated.values()))
+    if n < 2:
+        raise ValueError("FID needs at least 2 images on each side")
+    dim = real.shape[-1]
+    with warnings.catch_warnings():  # KID's notice that it keeps every feature: it must
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        fid = FrechetInceptionDistance(feature=_Given(dim), reset_real_features=False)
+        kid = KernelInceptionDistance(feature=_Given(dim), subset_size=max(2, min(1000, n // 2)), subsets=100,
+                                      reset_real_features=False)
+    fid.update(real, real=True)
+    kid.update(real, real=True)
     out: dict[str, Any] = {}
     for name, images in generated.items():
+        fake = _embed(ref["extract"], images, chunk)
         fid.reset()
-        kid.reset()  # keeps the reference features
-        for i in range(0, len(images), chunk):
-            batch = _to_unit(images[i:i + chunk])
-            fid.update(batch, real=False)
-            kid.update(batch, real=False)
+        kid.reset()  # both keep the reference features
+        fid.update(fake, real=False)
+        kid.update(fake, real=False)
         with torch.random.fork_rng():  # KID draws random subsets: seed them so reruns agree
             torch.manual_seed(0)
             kid_mean, kid_std = kid.compute()
@@ -235,5 +316,5 @@ def reference_distances(judge: Any, files: Sequence[Path], generated: Mapping[st
                      "n_images": len(images)}
     if "original" in out and "patched" in out:
         out["fid_change"] = out["patched"]["fid"] - out["original"]["fid"]
-    out.update({"n_reference": len(files), "feature_space": space, "resized_to": [int(height), int(width)]})
+    out.update({"n_reference": ref["n"], "feature_space": ref["feature_space"], "resized_to": ref["size"]})
     return out
