@@ -208,6 +208,92 @@ def erase(
 
 
 @app.command()
+def tune(
+    concept: list[str] = typer.Option([], "--concept", "-c", help="Phrase to erase (repeatable)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", help="txt/csv/json list of concepts."),
+    method: str = typer.Option("uce", "--method", help="Registered method (see `erasekit methods`)."),
+    grid: list[str] = typer.Option([], "--grid", help="Setting and its candidate values, key=v1,v2,v3 (repeatable: "
+                                   "every combination is tried; a list-valued setting separates candidates with ;)."),
+    set_: list[str] = typer.Option([], "--set", help="Fixed method setting key=value, as for erase."),
+    anchor: str = typer.Option("", "--anchor", help="What the concept should become (\"\" = nothing)."),
+    preserve: str = typer.Option("", "--preserve", help="Comma-separated prompts to keep unchanged."),
+    seeds: str = typer.Option("100-115", "--seeds", help="Development seeds the candidates are measured on (the "
+                              "default is disjoint from eval's 0-63)."),
+    rule: str = typer.Option("h", "--rule", help="h: highest mean H; detection: lowest target detection among "
+                             "candidates whose neighbour and unrelated drops are within --max-drop."),
+    max_drop: float = typer.Option(0.05, "--max-drop", help="For --rule detection: the largest drop allowed."),
+    judge: str = typer.Option("world-classifier", "--judge", help="Judge (world-classifier, clip, nudenet)."),
+    judge_set: list[str] = typer.Option([], "--judge-set", help="Judge option key=value (repeatable)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for tune.json and the chosen edit (edit/)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a tuning folder erasekit wrote."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Choose a method's settings: fit every candidate of a grid, measure each on development seeds
+    (templated prompts only), keep the best by a rule fixed in advance; writes tune.json (every
+    candidate's figures) and the chosen edit. Check the choice with `erasekit eval` on other seeds."""
+    from .concepts import load_concepts, make_concepts
+    from .config import apply_overrides
+    from .evaluation import get_judge, parse_seeds
+    from .io import atomic_dir, check_output
+    from .methods import get_method
+    from .models import load_pipeline
+    from .tune import RULES, candidates, parse_grid
+    from .tune import tune as run_tune
+
+    try:
+        check_output(output, overwrite)
+        if rule not in RULES:
+            raise InvalidInputError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
+        if not 0 <= max_drop <= 1:
+            raise InvalidInputError(f"--max-drop {max_drop}: give a fraction between 0 and 1, e.g. 0.05")
+        seed_list = parse_seeds(seeds)
+        specs = (load_concepts(concepts_file, anchor=anchor, preserve=preserve) if concepts_file else []) + \
+            (make_concepts(concept, anchor=anchor, preserve=preserve) if concept else [])
+        if not specs:
+            raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
+        cls = get_method(method)
+        specs, kept_said = _world_neighbours(specs) if model in (None, "world") else (specs, [])
+        world = cls.world_settings(specs) if model in (None, "world") else {}
+        base = apply_overrides(cls.Config(**world), set_)
+        parsed = parse_grid(cls.Config, grid)
+        n = len(candidates(base, parsed))  # every candidate range-checked before anything loads
+        mine = {s_.split("=", 1)[0].strip() for s_ in set_} | set(parsed)
+        if set(world) - mine:
+            out.print(f"{cls.name} on the embedded world: " + ", ".join(
+                f"{k}={v!r}" if k != "templates" else f"templates=({len(v)} world erase templates)"
+                for k, v in world.items() if k not in mine) + " (--set to override)")
+        for line in kept_said if cls(base).uses_keep_phrases() else ():
+            out.print(line)
+        if set(seed_list) & set(range(64)):
+            out.print("note: these seeds overlap eval's default 0-63; check the choice on seeds it was not made on")
+        with err.status("loading judge"):
+            judge_obj = get_judge(judge, **_judge_options(judge_set))
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+
+        def said(i: int, total: int, rec: dict) -> None:
+            m = rec["mean"]
+            out.print(f"[{i + 1}/{total}] {', '.join(f'{k}={v!r}' for k, v in rec['settings'].items())}: H "
+                      f"{m['H']:.3f}, detected {m['detected_after']:.2f}, neighbours {m['neighbours_kept'] or 0:.2f}, "
+                      f"unrelated {m['unrelated_kept'] or 0:.2f} (fit {rec['fit_s']:.1f}s, eval {rec['eval_s']:.1f}s)")
+
+        out.print(f"tuning {cls.name}: {n} candidate(s) on {len(seed_list)} seeds, rule {rule}")
+        result = run_tune(pipe, specs, method, parsed, config=base, seeds=seed_list, judge=judge_obj, rule=rule,
+                          max_drop=max_drop, on_candidate=said)
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            (tmp / "tune.json").write_text(result.to_json() + "\n")
+            if result.edit is not None:
+                result.edit.save(tmp / "edit")
+    except ErasekitError as e:
+        _fail(e)
+    if result.chosen is None:
+        out.print(f"chose nothing: {result.reason}; wrote {output / 'tune.json'}")
+        raise typer.Exit(1)
+    out.print(f"chose {result.reason}; wrote {output / 'tune.json'} and the edit {output / 'edit'}")
+
+
+@app.command()
 def export(
     patch: list[Path] = typer.Option(..., "--patch", "-p", help="Edit folder(s), applied in order."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write."),

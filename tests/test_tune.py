@@ -1,0 +1,111 @@
+"""erasekit tune: grids parsed and checked before any fit, the rules, and a real choice on the world."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from erasekit.errors import InvalidInputError
+from erasekit.methods import get_method
+from erasekit.tune import candidates, parse_grid, rank_key, within
+
+
+def test_grids_are_typed_checked_and_expanded_in_order():
+    uce = get_method("uce").Config
+    grid = parse_grid(uce, ["erase_scale=1,6", "token=last,all"])
+    assert grid == {"erase_scale": [1.0, 6.0], "token": ["last", "all"]}
+    cands = candidates(uce(), grid)
+    assert [s for s, _ in cands] == [{"erase_scale": 1.0, "token": "last"}, {"erase_scale": 1.0, "token": "all"},
+                                     {"erase_scale": 6.0, "token": "last"}, {"erase_scale": 6.0, "token": "all"}]
+    assert cands[3][1].erase_scale == 6.0 and cands[3][1].token == "all" and cands[3][1].lam == uce().lam
+    # a list-valued setting separates its candidates with ';' (its own items take ',' or '|')
+    tpl = parse_grid(uce, ["templates={}|a photo of {};a {}"])
+    assert tpl == {"templates": [("{}", "a photo of {}"), ("a {}",)]}
+    for pairs, msg in ((["nope=1,2"], "unknown setting"), (["erase_scale"], "key=value1,value2"),
+                       (["erase_scale=,"], "has no values"), (["erase_scale=a,b"], "expected float"),
+                       (["erase_scale=1", "erase_scale=2"], "given twice"), ([], "no --grid")):
+        with pytest.raises(InvalidInputError, match=msg):
+            parse_grid(uce, pairs)
+    with pytest.raises(InvalidInputError, match="out of range"):  # every candidate checked before any fit
+        candidates(uce(), {"erase_scale": [1.0, -2.0]})
+    with pytest.raises(InvalidInputError, match="at most 64"):
+        candidates(uce(), {"erase_scale": list(range(9)), "lam": list(range(8))})
+    with pytest.raises(InvalidInputError, match="non-empty list"):
+        candidates(uce(), {"erase_scale": []})
+
+
+def _rec(h, detected, nd, ud):
+    figs = {"star": {"H": h, "detected_after": detected, "neighbours_drop": nd, "unrelated_drop": ud}}
+    return {"mean": {"H": h, "detected_after": detected}, "within_max_drop": within(figs, 0.05)}
+
+
+def test_rules_rank_candidates_as_documented():
+    a, b, c = _rec(0.80, 0.10, 0.00, 0.00), _rec(0.85, 0.05, 0.10, 0.00), _rec(0.70, 0.20, 0.05, 0.01)
+    # h: the highest H, whatever it costs
+    assert max((a, b, c), key=lambda r: rank_key(r, "h")) is b
+    # detection: b drops 10 points of neighbours, so it may not be chosen; a detects less than c
+    assert rank_key(b, "detection") is None and not b["within_max_drop"] and c["within_max_drop"]
+    assert rank_key(a, "detection") > rank_key(c, "detection")
+    # a drop of exactly max_drop is allowed; a missing drop (no such prompt set) does not disqualify
+    assert within({"x": {"neighbours_drop": 0.05, "unrelated_drop": None}}, 0.05)
+    assert not within({"x": {"neighbours_drop": 0.0501, "unrelated_drop": 0.0}}, 0.05)
+
+
+def test_tune_chooses_the_candidate_that_erases_and_returns_its_edit(world_pipe, tmp_path):
+    import erasekit
+    from erasekit.evaluation import ImageCache
+
+    from erasekit.concepts import make_concepts
+
+    uce = get_method("uce")
+    base = uce.Config(**uce.world_settings(make_concepts("star")))
+    seen = []
+    res = erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [0.0, 6.0]}, config=base, seeds=range(100, 102),
+                        cache=ImageCache(tmp_path / "cache"), on_candidate=lambda i, n, r: seen.append((i, n)))
+    assert seen == [(0, 2), (1, 2)] and len(res.candidates) == 2
+    off, on = (c["figures"]["star"] for c in res.candidates)
+    assert off["detected_after"] >= 0.5 and on["detected_after"] <= 0.5  # erase_scale 0 erases nothing
+    assert res.chosen == 1 and res.candidates[1]["mean"]["H"] > res.candidates[0]["mean"]["H"]
+    assert res.edit is not None and res.edit.digest == res.candidates[1]["edit_digest"]
+    assert res.edit.digest == erasekit.erase(world_pipe, "star", "uce", config=base, erase_scale=6.0).digest
+    d = json.loads(res.to_json())
+    assert d["chosen_settings"] == {"erase_scale": 6.0} and d["seeds"] == [100, 101] and "held_out" in d
+    assert "edit" not in d and d["rule"] == "h"
+    # the detection rule with no room for any drop: the erasing candidate cannot qualify unless it drops nothing
+    strict = erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [6.0]}, config=base, seeds=range(100, 102),
+                           cache=ImageCache(tmp_path / "cache"), rule="detection", max_drop=0.0)
+    if strict.candidates[0]["within_max_drop"]:
+        assert strict.chosen == 0
+    else:
+        assert strict.chosen is None and strict.edit is None and "loosen max_drop" in strict.reason
+    with pytest.raises(InvalidInputError, match="unknown rule"):
+        erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0]}, rule="best")
+    with pytest.raises(InvalidInputError, match="seed range is empty"):
+        erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0]}, seeds=[])
+    with pytest.raises(InvalidInputError, match="not uce's"):
+        erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0]}, config=get_method("rece").Config())
+
+
+def test_cli_tune_writes_every_candidate_and_the_chosen_edit(tmp_path):
+    from erasekit.cli import app
+    from erasekit.edits import load_edit
+
+    env = {"ERASEKIT_CACHE": str(tmp_path / "cache")}
+    run = CliRunner().invoke(app, ["tune", "--method", "uce", "-c", "star", "--grid", "erase_scale=0,6",
+                                   "--seeds", "100-101", "-o", str(tmp_path / "t")], env=env)
+    assert run.exit_code == 0, run.output
+    text = " ".join(run.output.split())
+    assert "[1/2] erase_scale=0.0" in text and "chose highest mean H (erase_scale=6.0)" in text
+    d = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert d["chosen"] == 1 and d["base"]["lam"] == get_method("uce").Config().lam
+    assert load_edit(tmp_path / "t" / "edit").digest == d["candidates"][1]["edit_digest"]
+    # bad input: one line, before the model loads, nothing written
+    for args, msg in ((["--grid", "erase_scale=1,-1"], "out of range"), (["--grid", "nope=1"], "unknown setting"),
+                      (["--grid", "erase_scale=1", "--rule", "best"], "--rule"),
+                      (["--grid", "erase_scale=1", "--max-drop", "2"], "--max-drop"), ([], "no --grid"),
+                      (["--grid", "erase_scale=1", "-o", str(tmp_path / "t")], "already exists")):
+        out = tmp_path / "bad"
+        argv = ["tune", "-c", "star", *args] + ([] if "-o" in args else ["-o", str(out)])
+        r = CliRunner().invoke(app, argv, env=env)
+        assert r.exit_code == 2 and msg in " ".join(r.output.split()) and "Traceback" not in r.output, (args, r.output)
+        assert not out.exists()
