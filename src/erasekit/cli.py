@@ -222,6 +222,8 @@ def tune(
     rule: str = typer.Option("h", "--rule", help="h: highest mean H; detection: lowest target detection among "
                              "candidates whose neighbour and unrelated drops are within --max-drop."),
     max_drop: float = typer.Option(0.05, "--max-drop", help="For --rule detection: the largest drop allowed."),
+    separately: bool = typer.Option(False, "--separately", help="Fit and measure one edit per concept (mean over "
+                                    "them) instead of one edit erasing them all."),
     judge: str = typer.Option("world-classifier", "--judge", help="Judge (world-classifier, clip, nudenet)."),
     judge_set: list[str] = typer.Option([], "--judge-set", help="Judge option key=value (repeatable)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
@@ -238,7 +240,7 @@ def tune(
     from .io import atomic_dir, check_output
     from .methods import get_method
     from .models import load_pipeline
-    from .tune import RULES, candidates, parse_grid
+    from .tune import RULES, parse_grid, plan
     from .tune import tune as run_tune
 
     try:
@@ -253,12 +255,20 @@ def tune(
         if not specs:
             raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
         cls = get_method(method)
-        specs, kept_said = _world_neighbours(specs) if model in (None, "world") else (specs, [])
+        kept_said: list[str] = []
+        if model in (None, "world"):  # fitted one at a time, a concept keeps every other value of its axis
+            pairs = [_world_neighbours([s_]) for s_ in specs] if separately else [_world_neighbours(specs)]
+            specs = [s_ for p_ in pairs for s_ in p_[0]]
+            kept_said = [line for p_ in pairs for line in p_[1]]
         world = cls.world_settings(specs) if model in (None, "world") else {}
         base = apply_overrides(cls.Config(**world), set_)
         parsed = parse_grid(cls.Config, grid)
-        n = len(candidates(base, parsed))  # every candidate range-checked before anything loads
-        mine = {s_.split("=", 1)[0].strip() for s_ in set_} | set(parsed)
+        fixed = {s_.split("=", 1)[0].strip() for s_ in set_}
+        both = sorted(fixed & set(parsed))
+        if both:
+            raise InvalidInputError(f"{both[0]} is given by --set and by --grid; drop one of them")
+        n = len(plan(cls, base, parsed, specs, separately))  # every candidate built and checked before anything loads
+        mine = fixed | set(parsed)
         if set(world) - mine:
             out.print(f"{cls.name} on the embedded world: " + ", ".join(
                 f"{k}={v!r}" if k != "templates" else f"templates=({len(v)} world erase templates)"
@@ -269,28 +279,40 @@ def tune(
             out.print("note: these seeds overlap eval's default 0-63; check the choice on seeds it was not made on")
         with err.status("loading judge"):
             judge_obj = get_judge(judge, **_judge_options(judge_set))
+        for s_ in specs:
+            judge_obj.resolve(s_.target)  # a concept the judge cannot read fails before the model loads
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
+
+        def fig(v: float | None, digits: int = 2) -> str:
+            return "n/a" if v is None else f"{v:.{digits}f}"
 
         def said(i: int, total: int, rec: dict) -> None:
             m = rec["mean"]
             out.print(f"[{i + 1}/{total}] {', '.join(f'{k}={v!r}' for k, v in rec['settings'].items())}: H "
-                      f"{m['H']:.3f}, detected {m['detected_after']:.2f}, neighbours {m['neighbours_kept'] or 0:.2f}, "
-                      f"unrelated {m['unrelated_kept'] or 0:.2f} (fit {rec['fit_s']:.1f}s, eval {rec['eval_s']:.1f}s)")
+                      f"{fig(m['H'], 3)}, detected {fig(m['detected_after'])}, neighbours {fig(m['neighbours_kept'])}, "
+                      f"unrelated {fig(m['unrelated_kept'])} (fit {rec['fit_s']:.1f}s, eval {rec['eval_s']:.1f}s)")
 
-        out.print(f"tuning {cls.name}: {n} candidate(s) on {len(seed_list)} seeds, rule {rule}")
+        out.print(f"tuning {cls.name}: {n} candidate(s) on {len(seed_list)} seeds, rule {rule}"
+                  + (f", each of {len(specs)} concepts on its own" if separately and len(specs) > 1 else ""))
         result = run_tune(pipe, specs, method, parsed, config=base, seeds=seed_list, judge=judge_obj, rule=rule,
-                          max_drop=max_drop, on_candidate=said)
+                          max_drop=max_drop, separately=separately, on_candidate=said)
+        folders = {k: "edit" if len(result.edits) == 1 else "edit-" + "".join(ch if ch.isalnum() else "-" for ch in k)
+                   for k in result.edits}
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            (tmp / "tune.json").write_text(result.to_json() + "\n")
-            if result.edit is not None:
-                result.edit.save(tmp / "edit")
+            (tmp / "tune.json").write_text(json.dumps({**result.to_dict(), "edit_folders": folders}, indent=2,
+                                                      default=str) + "\n")
+            for k, e in result.edits.items():
+                e.save(tmp / folders[k])
     except ErasekitError as e:
         _fail(e)
+    for note in result.notes:
+        out.print(f"note: {note}")
     if result.chosen is None:
         out.print(f"chose nothing: {result.reason}; wrote {output / 'tune.json'}")
         raise typer.Exit(1)
-    out.print(f"chose {result.reason}; wrote {output / 'tune.json'} and the edit {output / 'edit'}")
+    out.print(f"chose {result.reason}; wrote {output / 'tune.json'} and " + ", ".join(
+        str(output / f) for f in folders.values()))
 
 
 @app.command()
@@ -487,6 +509,8 @@ def eval_cmd(
         if unrelated is not None and not judge_obj.reads_unrelated_prompts:
             raise InvalidInputError(f"--unrelated-file is for open-vocabulary judges (clip, nudenet); the {judge} "
                                     "judge reads the world's own unrelated axes, so drop --unrelated-file")
+        for s_ in specs:
+            judge_obj.resolve(s_.target)  # a concept the judge cannot read fails before the model loads
         with err.status("loading model"):
             pipe = load_pipeline(model, device=device)
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):

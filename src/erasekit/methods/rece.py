@@ -3,8 +3,10 @@ rounds find, in closed form, the text-embedding sequence that makes the edited m
 the original model's keys/values for the concept, and erase that sequence too.
 
 The number of rounds is fixed (``rounds``). The official nudity runs also keep the round whose images
-NudeNet flags least; erasekit does not generate images inside a fit, so pick among ``rounds=1..5`` with
-``erasekit eval --judge nudenet`` (the same seeds for each) where that selection matters."""
+NudeNet flags least; erasekit does not generate images inside a fit. That selection is
+``erasekit tune --method rece --grid rounds=1,2,3,4,5 --judge nudenet --rule detection`` (each
+candidate refitted, which gives the same rounds as one run; measured on development seeds, so the
+choice can then be read with ``erasekit eval`` on others, which the official selection does not allow)."""
 
 from __future__ import annotations
 
