@@ -240,3 +240,37 @@ def test_evaluate_scores_hook_edits_and_prompt_sets_from_outside(tmp_path, world
         evaluate(world_pipe, "star", seeds=range(3), cache=ImageCache(tmp_path / "f"), prompt_sets={"star": {"target": text}})
     with pytest.raises(InvalidInputError, match="no 'target' set"):
         evaluate(world_pipe, "star", seeds=seeds, cache=ImageCache(tmp_path / "f"), prompt_sets={"star": {"other": text}})
+
+
+def test_concepts_an_edit_erases_together_are_not_each_others_neighbours(tmp_path, world_pipe):
+    """A joint edit of star and heart is not charged for erasing heart when star is measured: heart (by
+    any synonym) leaves star's neighbour and unrelated prompts, on both prompt families; a star-only edit
+    keeps heart there."""
+    import erasekit
+    from erasekit.concepts import make_concepts
+    from erasekit.evaluation.prompts import world_prompt_sets
+    from erasekit.world.vocab import CONCEPTS
+
+    spec = make_concepts("star")[0]
+    full = world_prompt_sets(spec, "shape", "star", 14)
+    assert {lab["shape"] for lab in full["neighbours"].labels} == set(CONCEPTS["shape"]) - {"star"}
+    heart_syn = CONCEPTS["shape"]["heart"][0]
+    for family in ("templated", "paraphrase"):
+        cut = world_prompt_sets(spec, "shape", "star", 14, family=family, exclude=[heart_syn, "blue"])
+        for name in ("neighbours", "unrelated"):
+            assert {lab["shape"] for lab in cut[name].labels} == set(CONCEPTS["shape"]) - {"star", "heart"}
+    every = world_prompt_sets(spec, "shape", "star", 4, exclude=list(CONCEPTS["shape"]))
+    assert set(every) == {"target", "generality"}  # nothing left to keep: no neighbour or unrelated set
+    assert world_prompt_sets(spec, "shape", "star", 14, exclude=[]) == full  # nothing excluded: the same sets
+
+    joint = erasekit.erase(world_pipe, ["star", "heart"], method="negative-prompt")
+    alone = erasekit.erase(world_pipe, "star", method="negative-prompt")
+    seeds = range(7)
+    kw = {"seeds": seeds, "cache": ImageCache(tmp_path / "c"), "paraphrase": True,
+          "sampling": {"num_inference_steps": 2}}
+    rj = evaluate(world_pipe, "star", patch=joint, **kw)
+    ra = evaluate(world_pipe, "star", patch=alone, **kw)
+    for name in ("neighbours", "unrelated", "paraphrase/neighbours"):
+        assert not any("heart" in p or heart_syn in p for p in rj.concepts[0].prompts[name]), name
+    assert any("heart" in p for p in ra.concepts[0].prompts["neighbours"])
+    assert rj.settings["not_neighbours"]["concepts"] == {"star": ["heart"]} and "not_neighbours" not in ra.settings

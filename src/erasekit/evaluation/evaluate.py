@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import time
@@ -415,17 +416,31 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     results = []
     t_gen = 0.0
     any_paraphrase = False
+    erased = [t for p in patches for t in p.concepts]  # what the measured edits erase, by their targets
+    left_out: dict[str, list[str]] = {}
     for spec, axis, label in resolved:
         n = len(seeds)
+        # another concept the edits erase is no neighbour: it leaves the neighbour (and world unrelated) prompts
+        mine = {w.strip().lower() for w in spec.erase_phrases}
+        co_erased = tuple(t for t in erased if t.strip().lower() not in mine)
+        if co_erased:
+            left_out[spec.target] = list(co_erased)
+        if co_erased and spec.neighbours:
+            gone = {t.strip().lower() for t in co_erased}
+            spec = dataclasses.replace(spec, neighbours=tuple(nb for nb in spec.neighbours
+                                                              if nb.strip().lower() not in gone))
         # a judge written before prompt seeds and unrelated lists existed is still called as it was
         opts = {"seed": prompt_seed, "unrelated": extra} if (prompt_seed or extra is not None) else {}
+        if co_erased and "exclude" in inspect.signature(judge.prompt_sets).parameters:
+            opts.update(seed=prompt_seed, exclude=co_erased)
         sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, **opts))
         para_fn = getattr(judge, "paraphrase_sets", None)
         # a judge written before paraphrase sets took an unrelated list is still called as it was
-        takes_unrelated = para_fn is not None and "unrelated" in inspect.signature(para_fn).parameters
+        para_params = inspect.signature(para_fn).parameters if para_fn is not None else {}
+        para_opts = {**({"unrelated": extra} if extra is not None and "unrelated" in para_params else {}),
+                     **({"exclude": co_erased} if co_erased and "exclude" in para_params else {})}
         para = {} if (spec.target in given or not paraphrase or para_fn is None) else \
-            dict(para_fn(spec, axis, label, n, seed=prompt_seed,
-                         **({"unrelated": extra} if extra is not None and takes_unrelated else {})))
+            dict(para_fn(spec, axis, label, n, seed=prompt_seed, **para_opts))
         any_paraphrase = any_paraphrase or bool(para)
         every = {**sets, **{PARAPHRASE + k: v for k, v in para.items()}}
         tg = time.perf_counter()
@@ -483,6 +498,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                 "reference_images": None if ref_files is None else {"folder": str(ref_files[0].parent),
                                                                    "n": len(ref_files)},
                 "bootstrap": dict(METHOD)}
+    if left_out:
+        settings["not_neighbours"] = {"why": "erased by the measured edits too, so left out of the concept's "
+                                      "neighbour (and, on the world, unrelated) prompts", "concepts": left_out}
     if attack_objs:
         settings["attacks"] = {"names": [a.name for a in attack_objs], "seeds": a_seeds}
     return EvalResult(results, settings, cost)

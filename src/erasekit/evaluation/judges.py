@@ -120,16 +120,18 @@ class WorldJudge(Judge):
     reads_unrelated_prompts = False
 
     def prompt_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
-                    unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+                    unrelated: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, PromptSet]:
+        """``exclude``: other concepts the measured edits erase, left out of the neighbours and the unrelated
+        prompts (:func:`~erasekit.evaluation.prompts.world_prompt_sets`)."""
         from .prompts import world_prompt_sets
 
-        return world_prompt_sets(spec, axis, label, n, seed)
+        return world_prompt_sets(spec, axis, label, n, seed, exclude=exclude)
 
     def paraphrase_sets(self, spec: ConceptSpec, axis: str, label: str, n: int, *, seed: int = 0,
-                        unrelated: Sequence[str] | None = None) -> dict[str, PromptSet]:
+                        unrelated: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> dict[str, PromptSet]:
         from .prompts import world_prompt_sets
 
-        return world_prompt_sets(spec, axis, label, n, seed, family="paraphrase")  # the world's own axes
+        return world_prompt_sets(spec, axis, label, n, seed, family="paraphrase", exclude=exclude)  # its own axes
 
     def paraphrase_family(self) -> str:
         from .paraphrase import FRAMES, GRAMMAR_VERSION

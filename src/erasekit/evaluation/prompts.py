@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +56,12 @@ FAMILIES: tuple[str, ...] = ("templated", "paraphrase")
 
 
 def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: int = 0,
-                      family: str = "templated") -> dict[str, PromptSet]:
+                      family: str = "templated", exclude: Iterable[str] = ()) -> dict[str, PromptSet]:
     """Four sets of ``n`` world captions for erasing ``label`` on ``axis``.
+
+    ``exclude``: other values of the axis the edits being measured also erase (words or synonyms);
+    they are no neighbours, so neither the neighbour nor the unrelated prompts draw them. Where no
+    other value is left, those two sets are not made.
 
     - target: name the concept with its canonical word;
     - generality: name it with synonyms the patch never saw;
@@ -68,7 +72,7 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     ``family="paraphrase"`` in :mod:`erasekit.evaluation.paraphrase`'s frames, a grammar disjoint
     from the training captions and from the erase templates (every frame in a seeded order).
     """
-    from ..world.vocab import AXES, CONCEPTS, caption
+    from ..world.vocab import AXES, CONCEPTS, caption, find_axis
     from .paraphrase import FRAMES, paraphrase
 
     if n < 1:
@@ -76,7 +80,8 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     if family not in FAMILIES:
         raise InvalidInputError(f"unknown prompt family {family!r}; choose one of {', '.join(FAMILIES)}")
     rng = random.Random(f"{seed}-{axis}-{label}" + ("" if family == "templated" else f"-{family}"))
-    others = [v for v in CONCEPTS[axis] if v != label]
+    gone = {hit[1] for w in exclude if (hit := find_axis(w.strip().lower())) is not None and hit[0] == axis}
+    others = [v for v in CONCEPTS[axis] if v != label and v not in gone]
     seen = {s.lower() for s in spec.erase_phrases}
     unseen_syns = [s for s in CONCEPTS[axis][label] if s.lower() not in seen]
 
@@ -104,9 +109,9 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
             labs.append(lab)
         return PromptSet(name, tuple(prompts), tuple(labs))
 
-    sets = {"target": build("target", [label]),
-            "neighbours": build("neighbours", others),
-            "unrelated": build("unrelated", others)}
+    sets = {"target": build("target", [label])}
+    if others:
+        sets.update({"neighbours": build("neighbours", others), "unrelated": build("unrelated", others)})
     if unseen_syns:
         sets["generality"] = build("generality", [label], unseen_syns)
     return sets
