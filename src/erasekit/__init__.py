@@ -13,7 +13,9 @@ from .errors import ErasekitError  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .models import load_pipeline  # noqa: E402
 from .tune import TuneResult, tune  # noqa: E402
+from .compare import CompareResult, compare  # noqa: E402
 
 __all__ = ["ConceptSpec", "Edit", "ErasekitError", "HookEdit", "LoraEdit", "WeightDelta", "erase", "evaluate",
            "export_lora", "export_pipeline", "get_adapter", "load_concepts", "load_edit", "load_patch",
-           "load_pipeline", "tune", "TuneResult", "__version__"]
+           "load_pipeline", "tune", "TuneResult", "compare", "CompareResult",
+           "__version__"]

@@ -524,6 +524,117 @@ def eval_cmd(
     out.print(f"wrote {output / 'metrics.json'} and {output / 'report.html'} ({result.cost['eval_wall_s']}s)")
 
 
+def _named_patches(items: list[str]) -> dict[str, list[Path]]:
+    """``NAME=PATH[+PATH...]`` or ``PATH`` (named by its folder) -> {name: [edit folders]}."""
+    named: dict[str, list[Path]] = {}
+    for item in items:
+        name, sep, paths = item.partition("=")
+        if not sep:
+            name, paths = Path(item).name, item
+        name = name.strip()
+        folders = [Path(x.strip()) for x in paths.split("+") if x.strip()]
+        if not name or not folders:
+            raise InvalidInputError(f"--patch {item!r}: write NAME=FOLDER (or NAME=A+B for a stack of edits)")
+        if name in named:
+            raise InvalidInputError(f"two edits are named {name!r}; name them apart with NAME=FOLDER")
+        named[name] = folders
+    return named
+
+
+@app.command("compare")
+def compare_cmd(
+    patch: list[str] = typer.Option([], "--patch", "-p", help="An edit to compare: NAME=FOLDER, NAME=A+B (a stack), "
+                                    "or FOLDER (named by the folder). At least two."),
+    concept: list[str] = typer.Option([], "--concept", "-c", help="Concept to measure (repeatable)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts-file", help="txt/csv/json list of concepts."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The edit the others are compared with "
+                                           "(default: the first)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local folder (default: embedded world)."),
+    seeds: str = typer.Option("0-63", "--seeds", help="Seeds, the same for every edit."),
+    judge: str = typer.Option("world-classifier", "--judge", help="Judge (world-classifier, clip, nudenet)."),
+    judge_set: list[str] = typer.Option([], "--judge-set", help="Judge option key=value (repeatable)."),
+    unrelated_file: Optional[Path] = typer.Option(None, "--unrelated-file", help="Your own unrelated prompts (clip "
+                                                  "and nudenet judges), one a line."),
+    paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also compare on the paraphrase "
+                                    "family where the judge has one."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for compare.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a comparison folder erasekit wrote."),
+    force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Compare edits on the same prompts, seeds and judge: each one's figures, and each one's
+    difference from a baseline edit paired image by image, with 95% intervals."""
+    from rich.table import Table
+
+    from .compare import HEADLINES
+    from .compare import compare as run_compare
+    from .concepts import load_concepts, make_concepts
+    from .edits import load_edit
+    from .evaluation import get_judge, parse_seeds
+    from .evaluation.prompts import load_unrelated
+    from .io import atomic_dir, check_output
+    from .models import load_pipeline
+
+    try:
+        check_output(output, overwrite)
+        named = _named_patches(patch)
+        if len(named) < 2:
+            raise InvalidInputError("compare needs at least two edits: --patch uce=star-uce --patch esd=star-esd")
+        if baseline is not None and baseline not in named:
+            raise InvalidInputError(f"--baseline {baseline!r} is not one of the edits: {', '.join(named)}")
+        seed_list = parse_seeds(seeds)
+        specs = (load_concepts(concepts_file) if concepts_file else []) + (make_concepts(concept) if concept else [])
+        if not specs:
+            raise InvalidInputError("no concept given; pass --concept PHRASE or --concepts-file FILE")
+        unrelated = load_unrelated(unrelated_file) if unrelated_file is not None else None
+        edits = {n: [load_edit(f) for f in folders] for n, folders in named.items()}
+        with err.status("loading judge"):
+            judge_obj = get_judge(judge, **_judge_options(judge_set))
+        for s_ in specs:
+            judge_obj.resolve(s_.target)
+        with err.status("loading model"):
+            pipe = load_pipeline(model, device=device)
+        with err.status(f"comparing {len(edits)} edits on {len(specs)} concept(s), {len(seed_list)} seeds"):
+            result = run_compare(pipe, specs, edits, seeds=seed_list, judge=judge_obj, paraphrase=paraphrase,
+                                 baseline=baseline, force=force, unrelated=unrelated)
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            (tmp / "compare.json").write_text(result.to_json())
+    except ErasekitError as e:
+        _fail(e)
+
+    def cell(d: dict | None, sign: bool = False) -> str:
+        if not d:
+            return "-"
+        if "skipped" in d:
+            return "not paired"
+        v = f"{d['value']:+.2f}" if sign else f"{d['value']:.2f}"
+        ci = d.get("ci95")
+        mark = " *" if d.get("excludes_zero") else ""
+        return v + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if sign else f" [{ci[0]:.2f}, {ci[1]:.2f}]") * bool(ci) + mark
+
+    keys = [(title, key, better) for title, key, better in HEADLINES if any(key in r for r in result.rows)]
+    for concept_name in dict.fromkeys(r["concept"] for r in result.rows):
+        for fam in dict.fromkeys(r["family"] for r in result.rows if r["concept"] == concept_name):
+            t = Table(title=f"{concept_name!r}, {fam} prompts: 95% intervals, prompts resampled with their seeds")
+            t.add_column("edit")
+            for title, _, better in keys:
+                t.add_column(f"{title} ({better})", justify="right")
+            t.add_column("H", justify="right")
+            for r in result.rows:
+                if r["concept"] == concept_name and r["family"] == fam:
+                    t.add_row(r["edit"], *(cell(r.get(k)) for _, k, _ in keys), cell(r.get("H")))
+            out.print(t)
+            t = Table(title=f"difference from {result.baseline!r}, paired by image (* where the interval leaves 0 out)")
+            t.add_column("edit")
+            for title, _, _ in keys:
+                t.add_column(title, justify="right")
+            for d in result.diffs:
+                if d["concept"] == concept_name and d["family"] == fam:
+                    t.add_row(d["edit"], *(cell(d.get(k), sign=True) for _, k, _ in keys))
+            out.print(t)
+    out.print(f"wrote {output / 'compare.json'}")
+
+
 @app.command("attack")
 def attack_cmd(
     concept: str = typer.Option(..., "--concept", "-c", help="The erased concept to bring back."),

@@ -53,6 +53,9 @@ class ConceptResult:
     prompts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     paraphrase: dict[str, Any] | None = None
     robustness: dict[str, Any] = field(default_factory=dict)
+    #: per prompt family, each headline's per-image outcomes (original and patched, one per prompt and
+    #: seed) and each image's prompt: what paired comparisons between edits are computed from (not saved)
+    outcomes: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     def families(self) -> dict[str, dict[str, Any]]:
         """The headline figures of each prompt family, side by side (see :func:`family_summary`)."""
@@ -277,8 +280,10 @@ def _unrelated(unrelated: Sequence[str] | str | Path | None, judge: Judge) -> tu
 
 
 def _family_metrics(judge: Judge, sets: Mapping[str, PromptSet], sc: dict[str, dict[str, dict[str, np.ndarray]]],
-                    imgs: dict[str, dict[str, np.ndarray]], fid_features: str) -> dict[str, Any]:
-    """Every metric of one prompt family (sets keyed target/generality/neighbours/unrelated)."""
+                    imgs: dict[str, dict[str, np.ndarray]], fid_features: str,
+                    outcomes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every metric of one prompt family (sets keyed target/generality/neighbours/unrelated); the
+    headlines' per-image outcomes go into ``outcomes`` where given."""
     both = ("original", "patched")
     cl = {name: [ps.key(i) for i in range(len(ps))] for name, ps in sets.items()}  # each image's prompt
     m: dict[str, Any] = efficacy({v: sc["target"][v]["detected"] for v in both},
@@ -294,9 +299,20 @@ def _family_metrics(judge: Judge, sets: Mapping[str, PromptSet], sc: dict[str, d
     # collateral: on the prompts that name the erased concept, do the other axes they ask for
     # (colour, texture, background) survive? Only for judges that read those axes.
     erased = [p for p in ("target", "generality") if p in sc and "other_axes_correct" in sc[p]["original"]]
+    collateral = None
     if erased:
-        m.update(specificity({"collateral": {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased])
-                                             for v in both}}, clusters={"collateral": [k for p in erased for k in cl[p]]}))
+        collateral = {v: np.concatenate([sc[p][v]["other_axes_correct"] for p in erased]) for v in both}
+        m.update(specificity({"collateral": collateral}, clusters={"collateral": [k for p in erased for k in cl[p]]}))
+    if outcomes is not None:
+        named = {"detected": ("target", {v: sc["target"][v]["detected"] for v in both})}
+        if "generality" in sc:
+            named["synonyms"] = ("generality", {v: sc["generality"][v]["detected"] for v in both})
+        named.update({f"{p}_kept": (p, kept_outcomes[p]) for p in kept_outcomes})
+        for key, (set_name, o) in named.items():
+            outcomes[key] = {**o, "clusters": cl[set_name], "prompts": list(sets[set_name].prompts)}
+        if collateral is not None:
+            outcomes["collateral_kept"] = {**collateral, "clusters": [k for p in erased for k in cl[p]],
+                                           "prompts": [t for p in erased for t in sets[p].prompts]}
     m.update(harmonic_scores(m))
     for v, key in (("patched", "harmonic_ci95"), ("original", "harmonic_original_ci95")):
         m[key] = harmonic_interval(
@@ -457,7 +473,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
         t_gen += time.perf_counter() - tg
         sc = {name: {v: _score(judge, imgs[name][v], ps, axis, label) for v in ("original", "patched")}
               for name, ps in every.items()}
-        m = _family_metrics(judge, sets, {k: sc[k] for k in sets}, {k: imgs[k] for k in sets}, fid_features)
+        outs: dict[str, dict[str, dict[str, Any]]] = {"templated": {}}
+        m = _family_metrics(judge, sets, {k: sc[k] for k in sets}, {k: imgs[k] for k in sets}, fid_features,
+                            outs["templated"])
         if ref_files is not None:
             # only the unrelated prompts: what real photographs can stand for (never the target's images)
             if "unrelated" in sets:
@@ -469,8 +487,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                                       "reference images"}
         pm = None
         if para:
+            outs["paraphrase"] = {}
             pm = _family_metrics(judge, para, {k: sc[PARAPHRASE + k] for k in para},
-                                 {k: imgs[PARAPHRASE + k] for k in para}, fid_features)
+                                 {k: imgs[PARAPHRASE + k] for k in para}, fid_features, outs["paraphrase"])
         robust = {}
         for atk in attack_objs:
             from ..attacks import attack as run_attack
@@ -480,7 +499,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                            sets=sets_, force=force)
             robust[r.attack] = {"config": r.config, "success": r.rates(), "cost": r.cost, "record": r.record}
         results.append(ConceptResult(spec.target, axis, label, m, imgs if keep_images else {},
-                                     {k: list(v.prompts) for k, v in every.items()}, pm, robust))
+                                     {k: list(v.prompts) for k, v in every.items()}, pm, robust, outs))
     cost = eval_cost(time.perf_counter() - t0, t_gen, cache.hits - hits0, cache.misses - miss0, patches)
     families = {"templated": "the judge's prompt sets" + (" (the world's training caption templates)"
                                                           if isinstance(judge, WorldJudge) else "")}

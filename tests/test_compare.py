@@ -1,0 +1,87 @@
+"""erasekit compare: several edits on the same prompts and seeds, and differences paired image by image."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from erasekit.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def edits(world_pipe):
+    import erasekit
+
+    return {"uce": erasekit.erase(world_pipe, "star", "uce", erase_scale=6.0),
+            "guard": erasekit.erase(world_pipe, "star", "negative-prompt"),
+            "joint": erasekit.erase(world_pipe, ["star", "heart"], "negative-prompt")}
+
+
+def test_compare_pairs_each_edit_with_the_baseline_image_by_image(world_pipe, edits, tmp_path):
+    import erasekit
+    from erasekit.evaluation import ImageCache, evaluate
+
+    cache = ImageCache(tmp_path / "c")
+    three = {"guard": [edits["guard"]], "uce": edits["uce"], "joint": edits["joint"]}
+    fast = {"num_inference_steps": 3}  # the pairing is under test, not the erasure
+    res = erasekit.compare(world_pipe, "star", three, seeds=range(4), cache=cache, paraphrase=False, sampling=fast)
+    assert res.baseline == "guard" and [r["edit"] for r in res.rows] == ["(unedited)", "guard", "uce", "joint"]
+    assert [(d["edit"], d["baseline"]) for d in res.diffs] == [("uce", "guard"), ("joint", "guard")]
+    # each edit's figures are what eval gives for it alone (its images come from the cache)
+    alone = evaluate(world_pipe, "star", patch=edits["uce"], seeds=range(4), cache=cache, paraphrase=False,
+                     sampling=fast)
+    assert res.rows[2]["detected"] == alone.concepts[0].families()["templated"]["detected_after"]
+    # the difference is the per-image mean of uce minus guard, with an interval around it
+    a = res.results["uce"].concepts[0].outcomes["templated"]["detected"]["patched"]
+    b = res.results["guard"].concepts[0].outcomes["templated"]["detected"]["patched"]
+    d = res.diffs[0]["detected"]
+    assert d["value"] == pytest.approx(np.mean(a - b)) and d["ci95"][0] <= d["value"] <= d["ci95"][1]
+    assert d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+    assert res.rows[0]["detected"]["value"] == pytest.approx(
+        res.results["uce"].concepts[0].outcomes["templated"]["detected"]["original"].mean())
+    # the joint edit also erases heart, which so leaves its neighbours: that headline is not paired
+    assert "not paired" in res.diffs[1]["neighbours_kept"]["skipped"] and "value" in res.diffs[1]["detected"]
+    assert "value" in res.diffs[0]["neighbours_kept"]
+    json.loads(res.to_json())
+    flipped = erasekit.compare(world_pipe, "star", {"guard": edits["guard"], "uce": edits["uce"]}, seeds=range(4),
+                               cache=cache, paraphrase=False, baseline="uce", sampling=fast)
+    assert flipped.diffs[0]["edit"] == "guard" and flipped.diffs[0]["detected"]["value"] == pytest.approx(-d["value"])
+
+
+def test_compare_refuses_what_it_cannot_compare(world_pipe, edits):
+    import erasekit
+
+    with pytest.raises(InvalidInputError, match="at least two"):
+        erasekit.compare(world_pipe, "star", {"uce": edits["uce"]})
+    with pytest.raises(InvalidInputError, match="baseline 'x'"):
+        erasekit.compare(world_pipe, "star", {"a": edits["uce"], "b": edits["guard"]}, baseline="x")
+    with pytest.raises(InvalidInputError, match="give an edit"):
+        erasekit.compare(world_pipe, "star", {"a": edits["uce"], "b": "star-edit"})
+
+
+def test_cli_compare_names_edits_and_prints_paired_differences(world_pipe, edits, tmp_path):
+    from erasekit.cli import _named_patches, app
+
+    edits["uce"].save(tmp_path / "star-uce")
+    edits["guard"].save(tmp_path / "g")
+    assert _named_patches([str(tmp_path / "star-uce"), f"both={tmp_path / 'star-uce'}+{tmp_path / 'g'}"]) == {
+        "star-uce": [tmp_path / "star-uce"], "both": [tmp_path / "star-uce", tmp_path / "g"]}
+    for bad, msg in ((["a=x", "a=y"], "named 'a'"), (["=x"], "NAME=FOLDER"), (["a="], "NAME=FOLDER")):
+        with pytest.raises(InvalidInputError, match=msg):
+            _named_patches(bad)
+    env = {"ERASEKIT_CACHE": str(tmp_path / "cache")}
+    r = CliRunner().invoke(app, ["compare", "-p", str(tmp_path / "star-uce"), "-p", f"guard={tmp_path / 'g'}",
+                                 "-c", "star", "--seeds", "0-1", "--no-paraphrase", "-o", str(tmp_path / "cmp")],
+                           env=env)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "difference from 'star-uce', paired by image" in text and "guard" in text
+    d = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert d["names"] == ["star-uce", "guard"] and d["diffs"][0]["edit"] == "guard"
+    for args, msg in ((["-p", str(tmp_path / "g")], "at least two edits"),
+                      (["-p", str(tmp_path / "g"), "-p", f"u={tmp_path / 'star-uce'}", "--baseline", "z"], "--baseline"),
+                      (["-p", str(tmp_path / "g"), "-p", f"u={tmp_path / 'nope'}"], "nope")):
+        r = CliRunner().invoke(app, ["compare", "-c", "star", "-o", str(tmp_path / "bad"), *args], env=env)
+        assert r.exit_code == 2 and msg in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "bad").exists()
