@@ -21,31 +21,41 @@ def edits(world_pipe):
 def test_compare_pairs_each_edit_with_the_baseline_image_by_image(world_pipe, edits, tmp_path):
     import erasekit
     from erasekit.evaluation import ImageCache, evaluate
+    from erasekit.evaluation.stats import bootstrap_diff
 
     cache = ImageCache(tmp_path / "c")
     three = {"guard": [edits["guard"]], "uce": edits["uce"], "joint": edits["joint"]}
     fast = {"num_inference_steps": 3}  # the pairing is under test, not the erasure
-    res = erasekit.compare(world_pipe, "star", three, seeds=range(4), cache=cache, paraphrase=False, sampling=fast)
-    assert res.baseline == "guard" and [r["edit"] for r in res.rows] == ["(unedited)", "guard", "uce", "joint"]
-    assert [(d["edit"], d["baseline"]) for d in res.diffs] == [("uce", "guard"), ("joint", "guard")]
+    res = erasekit.compare(world_pipe, "star", three, seeds=range(4), cache=cache, sampling=fast)
+    assert res.baseline == "guard" and [(r["family"], r["edit"]) for r in res.rows] == [
+        (f, e) for f in ("templated", "paraphrase") for e in ("(unedited)", "guard", "uce", "joint")]
+    assert [(d["family"], d["edit"], d["baseline"]) for d in res.diffs] == [
+        (f, e, "guard") for f in ("templated", "paraphrase") for e in ("uce", "joint")]
     # each edit's figures are what eval gives for it alone (its images come from the cache)
     alone = evaluate(world_pipe, "star", patch=edits["uce"], seeds=range(4), cache=cache, paraphrase=False,
-                     sampling=fast)
-    assert res.rows[2]["detected"] == alone.concepts[0].families()["templated"]["detected_after"]
-    # the difference is the per-image mean of uce minus guard, with an interval around it
-    a = res.results["uce"].concepts[0].outcomes["templated"]["detected"]["patched"]
-    b = res.results["guard"].concepts[0].outcomes["templated"]["detected"]["patched"]
-    d = res.diffs[0]["detected"]
-    assert d["value"] == pytest.approx(np.mean(a - b)) and d["ci95"][0] <= d["value"] <= d["ci95"][1]
-    assert d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
-    assert res.rows[0]["detected"]["value"] == pytest.approx(
-        res.results["uce"].concepts[0].outcomes["templated"]["detected"]["original"].mean())
-    # the joint edit also erases heart, which so leaves its neighbours: that headline is not paired
-    assert "not paired" in res.diffs[1]["neighbours_kept"]["skipped"] and "value" in res.diffs[1]["detected"]
-    assert "value" in res.diffs[0]["neighbours_kept"]
+                     sampling=fast, exclude=["heart"])
+    assert res.rows[2]["detected"] == alone.concepts[0].families()["templated"]["detected_after"]  # uce's row
+    # the joint edit erases heart too: heart leaves every edit's neighbours, so all are on the same prompts
+    outs = {n: res.results[n].concepts[0].outcomes for n in three}
+    for fam in ("templated", "paraphrase"):
+        for key in outs["guard"][fam]:
+            assert outs["uce"][fam][key]["prompts"] == outs["guard"][fam][key]["prompts"] == \
+                outs["joint"][fam][key]["prompts"], (fam, key)
+        assert not any("heart" in p for p in outs["uce"][fam]["neighbours_kept"]["prompts"])
+    # the difference is uce minus guard image by image, its interval resampling prompts with their seeds
+    for fam in ("templated", "paraphrase"):
+        for key, o in outs["uce"][fam].items():
+            b = outs["guard"][fam][key]
+            d = next(x for x in res.diffs if x["edit"] == "uce" and x["family"] == fam)[key]
+            want = bootstrap_diff(o["patched"], b["patched"], clusters=o["clusters"]).as_dict()
+            assert d["value"] == pytest.approx(np.mean(o["patched"] - b["patched"]))
+            assert d["ci95"] == pytest.approx(want["ci95"]), (fam, key)
+            assert d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+    assert all("value" in d[k] for d in res.diffs for k in ("detected", "neighbours_kept", "unrelated_kept"))
     json.loads(res.to_json())
-    flipped = erasekit.compare(world_pipe, "star", {"guard": edits["guard"], "uce": edits["uce"]}, seeds=range(4),
-                               cache=cache, paraphrase=False, baseline="uce", sampling=fast)
+    d = res.diffs[0]["detected"]
+    flipped = erasekit.compare(world_pipe, "star", {"guard": edits["guard"], "uce": edits["uce"], "joint": edits["joint"]},
+                               seeds=range(4), cache=cache, paraphrase=False, baseline="uce", sampling=fast)
     assert flipped.diffs[0]["edit"] == "guard" and flipped.diffs[0]["detected"]["value"] == pytest.approx(-d["value"])
 
 

@@ -244,8 +244,9 @@ def test_evaluate_scores_hook_edits_and_prompt_sets_from_outside(tmp_path, world
 
 def test_concepts_an_edit_erases_together_are_not_each_others_neighbours(tmp_path, world_pipe):
     """A joint edit of star and heart is not charged for erasing heart when star is measured: heart (by
-    any synonym) leaves star's neighbour and unrelated prompts, on both prompt families; a star-only edit
-    keeps heart there."""
+    any synonym) leaves star's neighbour and unrelated prompts, on both prompt families, and every other
+    prompt stays as it was; an erased value of another axis is not drawn on that axis; a star-only edit
+    keeps heart."""
     import erasekit
     from erasekit.concepts import make_concepts
     from erasekit.evaluation.prompts import world_prompt_sets
@@ -256,11 +257,20 @@ def test_concepts_an_edit_erases_together_are_not_each_others_neighbours(tmp_pat
     assert {lab["shape"] for lab in full["neighbours"].labels} == set(CONCEPTS["shape"]) - {"star"}
     heart_syn = CONCEPTS["shape"]["heart"][0]
     for family in ("templated", "paraphrase"):
-        cut = world_prompt_sets(spec, "shape", "star", 14, family=family, exclude=[heart_syn, "blue"])
+        whole = world_prompt_sets(spec, "shape", "star", 14, family=family)
+        cut = world_prompt_sets(spec, "shape", "star", 14, family=family, exclude=[heart_syn, "star"])
         for name in ("neighbours", "unrelated"):
             assert {lab["shape"] for lab in cut[name].labels} == set(CONCEPTS["shape"]) - {"star", "heart"}
+        assert cut["target"] == whole["target"] and cut["generality"] == whole["generality"]
+        red = world_prompt_sets(spec, "shape", "star", 14, family=family, exclude=["red"])
+        assert "red" in {lab["colour"] for lab in whole["target"].labels}  # so that the next line tests something
+        for name in red:
+            assert "red" not in {lab["colour"] for lab in red[name].labels}
+        kept = [i for i, lab in enumerate(whole["target"].labels) if lab["colour"] != "red"]
+        assert [red["target"].prompts[i] for i in kept] == [whole["target"].prompts[i] for i in kept]
     every = world_prompt_sets(spec, "shape", "star", 4, exclude=list(CONCEPTS["shape"]))
     assert set(every) == {"target", "generality"}  # nothing left to keep: no neighbour or unrelated set
+    assert every["generality"] == world_prompt_sets(spec, "shape", "star", 4)["generality"]
     assert world_prompt_sets(spec, "shape", "star", 14, exclude=[]) == full  # nothing excluded: the same sets
 
     joint = erasekit.erase(world_pipe, ["star", "heart"], method="negative-prompt")
@@ -273,4 +283,10 @@ def test_concepts_an_edit_erases_together_are_not_each_others_neighbours(tmp_pat
     for name in ("neighbours", "unrelated", "paraphrase/neighbours"):
         assert not any("heart" in p or heart_syn in p for p in rj.concepts[0].prompts[name]), name
     assert any("heart" in p for p in ra.concepts[0].prompts["neighbours"])
-    assert rj.settings["not_neighbours"]["concepts"] == {"star": ["heart"]} and "not_neighbours" not in ra.settings
+    assert rj.concepts[0].prompts["target"] == ra.concepts[0].prompts["target"]
+    assert rj.settings["not_neighbours"]["concepts"] == {"star": {"shape": ["heart"]}}
+    assert "not_neighbours" not in ra.settings
+    # exclude= names concepts the caller treats as erased; the measured concept itself is never left out
+    rx = evaluate(world_pipe, "star", patch=alone, exclude=["heart", "star", "zebra"], **kw)
+    assert rx.concepts[0].prompts["neighbours"] == rj.concepts[0].prompts["neighbours"]
+    assert rx.settings["not_neighbours"]["concepts"] == {"star": {"shape": ["heart"]}}

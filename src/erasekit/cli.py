@@ -532,7 +532,9 @@ def _named_patches(items: list[str]) -> dict[str, list[Path]]:
         if not sep:
             name, paths = Path(item).name, item
         name = name.strip()
-        folders = [Path(x.strip()) for x in paths.split("+") if x.strip()]
+        # a folder whose own name holds '+' is one edit, not a stack
+        folders = [Path(paths.strip())] if paths.strip() and Path(paths.strip()).exists() else \
+            [Path(x.strip()) for x in paths.split("+") if x.strip()]
         if not name or not folders:
             raise InvalidInputError(f"--patch {item!r}: write NAME=FOLDER (or NAME=A+B for a stack of edits)")
         if name in named:
@@ -626,8 +628,8 @@ def compare_cmd(
             out.print(t)
             t = Table(title=f"difference from {result.baseline!r}, paired by image (* where the interval leaves 0 out)")
             t.add_column("edit")
-            for title, _, _ in keys:
-                t.add_column(title, justify="right")
+            for title, _, better in keys:
+                t.add_column(f"{title} ({better})", justify="right")
             for d in result.diffs:
                 if d["concept"] == concept_name and d["family"] == fam:
                     t.add_row(d["edit"], *(cell(d.get(k), sign=True) for _, k, _ in keys))

@@ -72,8 +72,9 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
     A difference is ``edit - baseline`` for every headline (target and synonym detection, neighbours,
     unrelated and collateral kept), per concept and prompt family, with a 95% interval that resamples
     prompts with all their seeds; ``excludes_zero`` says whether that interval leaves 0 out. Where the
-    two edits' prompt sets differ (an edit that also erases another concept leaves it out of the
-    neighbours), that headline's difference is not paired and is skipped, saying why.
+    two edits' prompt sets still differ, that headline's difference is not paired and is skipped,
+    saying why; every concept any of the edits erases is left out of every edit's neighbour prompts
+    (``evaluate``'s ``exclude``), so this does not happen with erasekit's judges.
     """
     from .evaluation import ImageCache, evaluate, get_judge
     from .evaluation.stats import bootstrap, bootstrap_diff
@@ -90,12 +91,22 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
     seeds = list(seeds)
     judge = get_judge(judge or "world-classifier") if isinstance(judge, str) or judge is None else judge
     cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
-    for stack in stacks.values():  # refuse an edit for another model before anything is generated
+    custom = getattr(pipe, "erasekit_fingerprint", None)
+    for stack in stacks.values():  # refuse what evaluate would refuse before anything is generated
         for e in stack:
+            if custom and e.kind == "hook":
+                raise InvalidInputError("this generator is not a supported pipeline, so it cannot run hook edits; "
+                                        "compare hook edits on a diffusers pipeline")
             e.check(pipe, force)
+    # every concept any compared edit erases is left out of every edit's neighbour prompts, so all of
+    # them are measured on the same prompts and every headline pairs
+    everything = list(dict.fromkeys(w for stack in stacks.values() for e in stack
+                                    for c in e.manifest.get("concepts", [])
+                                    for w in (c.get("target"), *(c.get("synonyms") or ()))
+                                    if isinstance(w, str) and w.strip()))
     results = {n: evaluate(pipe, concepts, patch=stacks[n], seeds=seeds, judge=judge, cache=cache, sampling=sampling,
                            paraphrase=paraphrase, keep_images=False, force=force, unrelated=unrelated,
-                           prompt_seed=prompt_seed) for n in names}
+                           prompt_seed=prompt_seed, exclude=everything) for n in names}
     first = results[names[0]]
     out = CompareResult(names, baseline, {
         "seeds": [min(seeds), max(seeds), len(seeds)], "judge": first.settings["judge"],
@@ -104,7 +115,7 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
         "difference": "edit minus baseline, per image (same prompt and seed), 95% interval resampling prompts"},
         results=results)
     base = results[baseline]
-    for ci, concept in enumerate(first.concepts):
+    for ci, concept in enumerate(base.concepts):
         for fam in concept.outcomes:
             unedited = concept.outcomes[fam]
             row = {"concept": concept.concept, "family": fam, "edit": "(unedited)"}
@@ -130,8 +141,7 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
                     if key not in o or key not in b:
                         continue
                     if o[key]["prompts"] != b[key]["prompts"]:
-                        d[key] = {"skipped": "the two edits were measured on different prompts here (one also "
-                                             "erases a concept the other keeps as a neighbour): not paired"}
+                        d[key] = {"skipped": "the two edits were measured on different prompts here: not paired"}
                         continue
                     est = bootstrap_diff(o[key]["patched"], b[key]["patched"], clusters=o[key]["clusters"])
                     d[key] = {**est.as_dict(), "excludes_zero": bool(est.low > 0 or est.high < 0)}

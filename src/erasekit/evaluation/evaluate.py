@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .metrics import (
 )
 from .metrics.clip_score import clip_scores
 from .metrics.fidelity import check_features, reference_distances, reference_features, reference_files
-from .prompts import PromptSet, load_unrelated, read_prompt_lines
+from .prompts import PromptSet, load_unrelated, read_prompt_lines, world_exclusions
 from .stats import METHOD
 
 #: prefix of the paraphrase family's prompt-set names in ``images`` and ``prompts``
@@ -339,7 +340,7 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
              prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None, paraphrase: bool = True,
              unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0,
              attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None,
-             reference_images: str | Path | None = None) -> EvalResult:
+             reference_images: str | Path | None = None, exclude: Sequence[str] = ()) -> EvalResult:
     """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
     ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
@@ -370,6 +371,12 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     ``unrelated`` (a list of prompts or a text file, one a line) replaces the shipped unrelated
     prompts of open-vocabulary judges (CLIP, NudeNet) and the concepts' preserve prompts; the
     prompts are sampled by ``prompt_seed``, which also draws the world's captions.
+
+    A concept the edits also erase (by their manifests' targets and synonyms), or that ``exclude``
+    names, is no neighbour of the one measured: it leaves its neighbour prompts (whole words) and, on
+    the world, its unrelated prompts and the other axes' draws (``settings["not_neighbours"]``
+    records what was left out). :func:`erasekit.compare` passes every compared edit's concepts, so
+    all of them are measured on the same prompts.
 
     ``attacks`` (registered names, with their world settings when the judge is the world's, or
     configured :class:`~erasekit.attacks.Attack` objects) adds robustness: each attack runs against
@@ -432,23 +439,32 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     results = []
     t_gen = 0.0
     any_paraphrase = False
-    erased = [t for p in patches for t in p.concepts]  # what the measured edits erase, by their targets
-    left_out: dict[str, list[str]] = {}
+    # what the measured edits erase (targets and synonyms), and what the caller says is erased besides
+    erased = [w for p in patches for c in p.manifest.get("concepts", [])
+              for w in (c.get("target"), *(c.get("synonyms") or ())) if isinstance(w, str) and w.strip()]
+    erased += [check_text(w, "an excluded concept") for w in ([exclude] if isinstance(exclude, str) else exclude)]
+    left_out: dict[str, Any] = {}
     for spec, axis, label in resolved:
         n = len(seeds)
         # another concept the edits erase is no neighbour: it leaves the neighbour (and world unrelated) prompts
         mine = {w.strip().lower() for w in spec.erase_phrases}
-        co_erased = tuple(t for t in erased if t.strip().lower() not in mine)
-        if co_erased:
-            left_out[spec.target] = list(co_erased)
-        if co_erased and spec.neighbours:
-            gone = {t.strip().lower() for t in co_erased}
-            spec = dataclasses.replace(spec, neighbours=tuple(nb for nb in spec.neighbours
-                                                              if nb.strip().lower() not in gone))
+        co_erased = tuple(dict.fromkeys(t for t in erased if t.strip().lower() not in mine))
+        removed: dict[str, Any] = {}
+        if co_erased and spec.neighbours and spec.target not in given:
+            named = re.compile(r"(?<!\w)(" + "|".join(re.escape(t.strip().lower()) for t in co_erased) + r")(?!\w)")
+            dropped = [nb for nb in spec.neighbours if named.search(nb.lower())]
+            if dropped:
+                spec = dataclasses.replace(spec, neighbours=tuple(nb for nb in spec.neighbours if nb not in dropped))
+                removed["neighbours"] = dropped
+        params = inspect.signature(judge.prompt_sets).parameters
         # a judge written before prompt seeds and unrelated lists existed is still called as it was
-        opts = {"seed": prompt_seed, "unrelated": extra} if (prompt_seed or extra is not None) else {}
-        if co_erased and "exclude" in inspect.signature(judge.prompt_sets).parameters:
-            opts.update(seed=prompt_seed, exclude=co_erased)
+        opts: dict[str, Any] = {"seed": prompt_seed, "unrelated": extra} if (prompt_seed or extra is not None) else {}
+        if co_erased and "exclude" in params and spec.target not in given:
+            opts["exclude"] = co_erased
+            if isinstance(judge, WorldJudge):
+                removed.update({a: sorted(v) for a, v in world_exclusions(axis, label, co_erased).items()})
+        if removed:
+            left_out[spec.target] = removed
         sets = dict(given.get(spec.target) or judge.prompt_sets(spec, axis, label, n, **opts))
         para_fn = getattr(judge, "paraphrase_sets", None)
         # a judge written before paraphrase sets took an unrelated list is still called as it was
@@ -518,8 +534,9 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
                                                                    "n": len(ref_files)},
                 "bootstrap": dict(METHOD)}
     if left_out:
-        settings["not_neighbours"] = {"why": "erased by the measured edits too, so left out of the concept's "
-                                      "neighbour (and, on the world, unrelated) prompts", "concepts": left_out}
+        settings["not_neighbours"] = {"why": "erased by the measured edits too (or named by exclude), so left out "
+                                      "of the concept's neighbour prompts (on the world: by axis, also of its "
+                                      "unrelated prompts and of the other axes' draws)", "concepts": left_out}
     if attack_objs:
         settings["attacks"] = {"names": [a.name for a in attack_objs], "seeds": a_seeds}
     return EvalResult(results, settings, cost)

@@ -59,9 +59,12 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
                       family: str = "templated", exclude: Iterable[str] = ()) -> dict[str, PromptSet]:
     """Four sets of ``n`` world captions for erasing ``label`` on ``axis``.
 
-    ``exclude``: other values of the axis the edits being measured also erase (words or synonyms);
-    they are no neighbours, so neither the neighbour nor the unrelated prompts draw them. Where no
-    other value is left, those two sets are not made.
+    ``exclude``: concepts the measured edits also erase (world words or synonyms, any axis;
+    :func:`world_exclusions`). One of ``axis`` is no neighbour: neither the neighbour nor the
+    unrelated prompts draw it (where no value is left, those two sets are not made). One of another
+    axis is not drawn for that axis in any set (the next value of the axis stands in). The random
+    draws are the same with or without ``exclude``, so every prompt that names no excluded value is
+    the prompt it would be without (the target and synonym sets are unchanged by same-axis exclusion).
 
     - target: name the concept with its canonical word;
     - generality: name it with synonyms the patch never saw;
@@ -72,7 +75,7 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     ``family="paraphrase"`` in :mod:`erasekit.evaluation.paraphrase`'s frames, a grammar disjoint
     from the training captions and from the erase templates (every frame in a seeded order).
     """
-    from ..world.vocab import AXES, CONCEPTS, caption, find_axis
+    from ..world.vocab import AXES, CONCEPTS, caption
     from .paraphrase import FRAMES, paraphrase
 
     if n < 1:
@@ -80,13 +83,22 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
     if family not in FAMILIES:
         raise InvalidInputError(f"unknown prompt family {family!r}; choose one of {', '.join(FAMILIES)}")
     rng = random.Random(f"{seed}-{axis}-{label}" + ("" if family == "templated" else f"-{family}"))
-    gone = {hit[1] for w in exclude if (hit := find_axis(w.strip().lower())) is not None and hit[0] == axis}
-    others = [v for v in CONCEPTS[axis] if v != label and v not in gone]
+    gone = world_exclusions(axis, label, exclude)
+    all_others = [v for v in CONCEPTS[axis] if v != label]
+    others = [v for v in all_others if v not in gone.get(axis, ())]
     seen = {s.lower() for s in spec.erase_phrases}
     unseen_syns = [s for s in CONCEPTS[axis][label] if s.lower() not in seen]
 
+    def stand_in(a: str, v: str) -> str:
+        """An excluded value of another axis -> the next value of that axis that is not excluded."""
+        if v not in gone.get(a, ()):
+            return v
+        vals = list(CONCEPTS[a])
+        i = vals.index(v)
+        return next((c for c in vals[i + 1:] + vals[:i] if c not in gone[a]), v)
+
     def labels_with(value: str) -> dict[str, str]:
-        d = {a: rng.choice(list(CONCEPTS[a])) for a in AXES}
+        d = {a: stand_in(a, rng.choice(list(CONCEPTS[a]))) for a in AXES}  # the same draws, excluded or not
         d[axis] = value
         return d
 
@@ -110,11 +122,26 @@ def world_prompt_sets(spec: ConceptSpec, axis: str, label: str, n: int, seed: in
         return PromptSet(name, tuple(prompts), tuple(labs))
 
     sets = {"target": build("target", [label])}
+    # built even when every other value is excluded (then dropped), so the draws after them do not move
+    kept = {name: build(name, others or all_others) for name in ("neighbours", "unrelated")}
     if others:
-        sets.update({"neighbours": build("neighbours", others), "unrelated": build("unrelated", others)})
+        sets.update(kept)
     if unseen_syns:
         sets["generality"] = build("generality", [label], unseen_syns)
     return sets
+
+
+def world_exclusions(axis: str, label: str, words: Iterable[str]) -> dict[str, set[str]]:
+    """World values (by axis) that ``words`` (concepts other edits erase, as words or synonyms) name,
+    leaving out the measured ``label`` of ``axis`` itself and words that are no world value."""
+    from ..world.vocab import find_axis
+
+    gone: dict[str, set[str]] = {}
+    for w in words:
+        hit = find_axis(w.strip().lower())
+        if hit is not None and hit != (axis, label):
+            gone.setdefault(hit[0], set()).add(hit[1])
+    return gone
 
 
 def read_prompt_lines(text: str, source: str) -> tuple[str, ...]:
