@@ -21,6 +21,7 @@ def edits(world_pipe):
 def test_compare_pairs_each_edit_with_the_baseline_image_by_image(world_pipe, edits, tmp_path):
     import erasekit
     from erasekit.evaluation import ImageCache, evaluate
+    from erasekit.compare import render_compare
     from erasekit.evaluation.stats import bootstrap_diff
 
     cache = ImageCache(tmp_path / "c")
@@ -53,6 +54,10 @@ def test_compare_pairs_each_edit_with_the_baseline_image_by_image(world_pipe, ed
             assert d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
     assert all("value" in d[k] for d in res.diffs for k in ("detected", "neighbours_kept", "unrelated_kept"))
     json.loads(res.to_json())
+    page = render_compare(res)
+    assert page.count("<h3>") == 4 and "paraphrase prompts" in page  # two families, two tables each
+    assert page.count("class='sig'") == sum(bool(d[k].get("excludes_zero")) for d in res.diffs for k in d
+                                             if isinstance(d[k], dict))
     d = res.diffs[0]["detected"]
     flipped = erasekit.compare(world_pipe, "star", {"guard": edits["guard"], "uce": edits["uce"], "joint": edits["joint"]},
                                seeds=range(4), cache=cache, paraphrase=False, baseline="uce", sampling=fast)
@@ -89,6 +94,9 @@ def test_cli_compare_names_edits_and_prints_paired_differences(world_pipe, edits
     assert "difference from 'star-uce', paired by image" in text and "guard" in text
     d = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert d["names"] == ["star-uce", "guard"] and d["diffs"][0]["edit"] == "guard"
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "difference from star-uce, image by image" in page and "<td>guard</td>" in page
+    assert page.count("<tr><td>guard</td>") == 2  # its figures and its difference
     for args, msg in ((["-p", str(tmp_path / "g")], "at least two edits"),
                       (["-p", str(tmp_path / "g"), "-p", f"u={tmp_path / 'star-uce'}", "--baseline", "z"], "--baseline"),
                       (["-p", str(tmp_path / "g"), "-p", f"u={tmp_path / 'nope'}"], "nope")):

@@ -559,7 +559,7 @@ def compare_cmd(
                                                   "and nudenet judges), one a line."),
     paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="Also compare on the paraphrase "
                                     "family where the judge has one."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for compare.json."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for compare.json and compare.html."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a comparison folder erasekit wrote."),
     force: bool = typer.Option(False, "--force", help="Apply edits made for another model anyway."),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -568,7 +568,7 @@ def compare_cmd(
     difference from a baseline edit paired image by image, with 95% intervals."""
     from rich.table import Table
 
-    from .compare import HEADLINES
+    from .compare import HEADLINES, render_compare
     from .compare import compare as run_compare
     from .concepts import load_concepts, make_concepts
     from .edits import load_edit
@@ -601,6 +601,7 @@ def compare_cmd(
                                  baseline=baseline, force=force, unrelated=unrelated)
         with atomic_dir(output, overwrite=overwrite) as tmp:
             (tmp / "compare.json").write_text(result.to_json())
+            (tmp / "compare.html").write_text(render_compare(result), encoding="utf-8")
     except ErasekitError as e:
         _fail(e)
 
@@ -634,7 +635,7 @@ def compare_cmd(
                 if d["concept"] == concept_name and d["family"] == fam:
                     t.add_row(d["edit"], *(cell(d.get(k), sign=True) for _, k, _ in keys))
             out.print(t)
-    out.print(f"wrote {output / 'compare.json'}")
+    out.print(f"wrote {output / 'compare.json'} and {output / 'compare.html'}")
 
 
 @app.command("attack")

@@ -147,3 +147,59 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
                     d[key] = {**est.as_dict(), "excludes_zero": bool(est.low > 0 or est.high < 0)}
                 out.diffs.append(d)
     return out
+
+
+def _cell(d: dict[str, Any] | None, sign: bool = False) -> str:
+    """One figure with its interval, as HTML (``sign``: a difference, marked where it leaves 0 out)."""
+    import html
+
+    if not d:
+        return "<td>&ndash;</td>"
+    if "skipped" in d:
+        return f"<td title='{html.escape(d['skipped'])}'>not paired</td>"
+    fmt = "{:+.3f}" if sign else "{:.3f}"
+    ci = d.get("ci95")
+    text = fmt.format(d["value"]) + (f" <span class='ci'>[{fmt.format(ci[0])}, {fmt.format(ci[1])}]</span>"
+                                     if ci else "")
+    return f"<td class='sig'><b>{text}</b></td>" if d.get("excludes_zero") else f"<td>{text}</td>"
+
+
+def render_compare(result: CompareResult, title: str = "erasekit comparison") -> str:
+    """The comparison as one HTML page: per concept and family, each edit's figures and each one's
+    paired difference from the baseline (bold where its interval leaves 0 out)."""
+    import html
+
+    from .evaluation.report import CSS
+
+    s = result.settings
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><p>model <code>"
+             f"{html.escape(str(s.get('model') or 'a custom generator'))}</code> &middot; judge "
+             f"{html.escape(s['judge']['name'])} &middot; seeds {s['seeds'][0]}&ndash;{s['seeds'][1]} "
+             f"({s['seeds'][2]} per prompt set) &middot; baseline <b>{html.escape(result.baseline)}</b></p>"
+             "</header><main>"]
+    keys = [(t, k, b) for t, k, b in HEADLINES if any(k in r for r in result.rows)]
+    head = "".join(f"<th>{html.escape(t)} ({b})</th>" for t, _, b in keys)
+    for concept in dict.fromkeys(r["concept"] for r in result.rows):
+        parts.append(f"<section><h2>{html.escape(concept)}</h2>")
+        for fam in dict.fromkeys(r["family"] for r in result.rows if r["concept"] == concept):
+            parts.append(f"<h3>{html.escape(fam)} prompts: 95% intervals, prompts resampled with their seeds</h3>"
+                         f"<table><tr><th>edit</th>{head}<th>H</th></tr>")
+            for r in result.rows:
+                if r["concept"] == concept and r["family"] == fam:
+                    parts.append(f"<tr><td>{html.escape(r['edit'])}</td>" + "".join(_cell(r.get(k)) for _, k, _ in keys)
+                                 + _cell(r.get("H")) + "</tr>")
+            parts.append(f"</table><h3>difference from {html.escape(result.baseline)}, image by image (bold: the "
+                         f"interval leaves 0 out)</h3><table><tr><th>edit</th>{head}</tr>")
+            for d in result.diffs:
+                if d["concept"] == concept and d["family"] == fam:
+                    parts.append(f"<tr><td>{html.escape(d['edit'])}</td>"
+                                 + "".join(_cell(d.get(k), sign=True) for _, k, _ in keys) + "</tr>")
+            parts.append("</table>")
+        parts.append("</section>")
+    edits = "".join(f"<li><b>{html.escape(n)}</b>: " + " + ".join(
+        f"{html.escape(e['method'])} ({html.escape(e['kind'])}, {html.escape(e['digest'][:12])})" for e in stack)
+        + "</li>" for n, stack in s["edits"].items())
+    parts.append(f"<section><h2>Edits</h2><ul>{edits}</ul><p class='ci'>{html.escape(s['difference'])}.</p></section>"
+                 "</main></body></html>")
+    return "".join(parts)
