@@ -82,7 +82,8 @@ def test_tune_chooses_the_candidate_that_erases_and_returns_its_edit(world_pipe,
     base = uce.Config(**uce.world_settings(make_concepts("star")))
     seen = []
     res = erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [0.0, 6.0]}, config=base, seeds=range(100, 102),
-                        cache=ImageCache(tmp_path / "cache"), on_candidate=lambda i, n, r: seen.append((i, n)))
+                        cache=ImageCache(tmp_path / "cache"), sampling={"num_inference_steps": 6},
+                        on_candidate=lambda i, n, r: seen.append((i, n)))
     assert seen == [(0, 2), (1, 2)] and len(res.candidates) == 2
     off, on = (c["figures"]["star"] for c in res.candidates)
     assert off["detected_after"] >= 0.5 and on["detected_after"] <= 0.5  # erase_scale 0 erases nothing
