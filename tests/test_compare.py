@@ -71,6 +71,8 @@ def test_compare_refuses_what_it_cannot_compare(world_pipe, edits):
         erasekit.compare(world_pipe, "star", {"uce": edits["uce"]})
     with pytest.raises(InvalidInputError, match="baseline 'x'"):
         erasekit.compare(world_pipe, "star", {"a": edits["uce"], "b": edits["guard"]}, baseline="x")
+    with pytest.raises(InvalidInputError, match="unedited"):
+        erasekit.compare(world_pipe, "star", {"(unedited)": edits["uce"], "b": edits["guard"]})
     with pytest.raises(InvalidInputError, match="give an edit"):
         erasekit.compare(world_pipe, "star", {"a": edits["uce"], "b": "star-edit"})
 

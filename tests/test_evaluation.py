@@ -290,3 +290,19 @@ def test_concepts_an_edit_erases_together_are_not_each_others_neighbours(tmp_pat
     rx = evaluate(world_pipe, "star", patch=alone, exclude=["heart", "star", "zebra"], **kw)
     assert rx.concepts[0].prompts["neighbours"] == rj.concepts[0].prompts["neighbours"]
     assert rx.settings["not_neighbours"]["concepts"] == {"star": {"shape": ["heart"]}}
+
+
+def test_exclusions_ignore_blanks_and_the_measured_concepts_own_words(tmp_path):
+    from erasekit.world.vocab import CONCEPTS
+
+    kw = {"seeds": range(4), "cache": ImageCache(tmp_path / "c"), "paraphrase": False,
+          "sampling": {"num_inference_steps": 1, "guidance_scale": 1.0}}
+    circle_syn = CONCEPTS["shape"]["circle"][0]
+    plain = evaluate(RenderPipe(), "circle", **kw)
+    # a blank entry is no wildcard, and an entry that names the measured concept (by a synonym) is its own
+    same = evaluate(RenderPipe(), "circle", exclude=["", "  ", [circle_syn, "heart"]], **kw)
+    assert "not_neighbours" not in same.settings
+    assert same.concepts[0].prompts["neighbours"] == plain.concepts[0].prompts["neighbours"]
+    # a phrase with its synonyms is one concept: heart by a synonym is left out
+    heart = evaluate(RenderPipe(), "circle", exclude=[[CONCEPTS["shape"]["heart"][0]]], **kw)
+    assert heart.settings["not_neighbours"]["concepts"] == {"circle": {"shape": ["heart"]}}

@@ -473,6 +473,8 @@ def eval_cmd(
     attack: str = typer.Option("", "--attack", help="Attacks to add robustness with, comma-separated (see `erasekit "
                                "attacks`; their world settings on the world model)."),
     attack_seeds: str = typer.Option("0-7", "--attack-seeds", help="Seeds the attacks run on."),
+    exclude: list[str] = typer.Option([], "--exclude", help="A concept to treat as erased besides the edits' own: "
+                                      "left out of the neighbours (repeatable; what compare does for every edit)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Generate with and without the patch on the same seeds; write metrics.json and report.html
@@ -516,7 +518,7 @@ def eval_cmd(
         with err.status(f"evaluating {len(specs)} concept(s) on {len(seed_list)} seeds"):
             result = evaluate(pipe, specs, patch=patches, seeds=seed_list, judge=judge_obj, force=force,
                               fid_features=fid_features, unrelated=unrelated, paraphrase=paraphrase,
-                              reference_images=reference_images, attacks=attack_names, attack_seeds=parse_seeds(attack_seeds) if attack_names else None)
+                              reference_images=reference_images, exclude=exclude, attacks=attack_names, attack_seeds=parse_seeds(attack_seeds) if attack_names else None)
         _write_run(result, output, overwrite, "erasekit evaluation")
     except ErasekitError as e:
         _fail(e)
@@ -610,10 +612,10 @@ def compare_cmd(
             return "-"
         if "skipped" in d:
             return "not paired"
-        v = f"{d['value']:+.2f}" if sign else f"{d['value']:.2f}"
+        fmt = "{:+.2f}" if sign else "{:.2f}"
         ci = d.get("ci95")
         mark = " *" if d.get("excludes_zero") else ""
-        return v + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if sign else f" [{ci[0]:.2f}, {ci[1]:.2f}]") * bool(ci) + mark
+        return fmt.format(d["value"]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "") + mark
 
     keys = [(title, key, better) for title, key, better in HEADLINES if any(key in r for r in result.rows)]
     for concept_name in dict.fromkeys(r["concept"] for r in result.rows):

@@ -85,6 +85,8 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
     names = list(stacks)
     if any(not n.strip() for n in names):
         raise InvalidInputError("an edit's name is empty; name each edit")
+    if "(unedited)" in names:
+        raise InvalidInputError("'(unedited)' names the unedited model's row; give that edit another name")
     baseline = names[0] if baseline is None else baseline
     if baseline not in stacks:
         raise InvalidInputError(f"baseline {baseline!r} is not one of the edits: {', '.join(names)}")
@@ -100,10 +102,8 @@ def compare(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec]
             e.check(pipe, force)
     # every concept any compared edit erases is left out of every edit's neighbour prompts, so all of
     # them are measured on the same prompts and every headline pairs
-    everything = list(dict.fromkeys(w for stack in stacks.values() for e in stack
-                                    for c in e.manifest.get("concepts", [])
-                                    for w in (c.get("target"), *(c.get("synonyms") or ()))
-                                    if isinstance(w, str) and w.strip()))
+    everything = [[w for w in (c.get("target"), *(c.get("synonyms") or ())) if isinstance(w, str) and w.strip()]
+                  for stack in stacks.values() for e in stack for c in e.manifest.get("concepts", [])]
     results = {n: evaluate(pipe, concepts, patch=stacks[n], seeds=seeds, judge=judge, cache=cache, sampling=sampling,
                            paraphrase=paraphrase, keep_images=False, force=force, unrelated=unrelated,
                            prompt_seed=prompt_seed, exclude=everything) for n in names}

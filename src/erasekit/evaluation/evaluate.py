@@ -33,6 +33,7 @@ from .metrics import (
 )
 from .metrics.clip_score import clip_scores
 from .metrics.fidelity import check_features, reference_distances, reference_features, reference_files
+from ..world.vocab import find_axis
 from .prompts import PromptSet, load_unrelated, read_prompt_lines, world_exclusions
 from .stats import METHOD
 
@@ -340,7 +341,8 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
              prompt_sets: Mapping[str, Mapping[str, PromptSet]] | None = None, paraphrase: bool = True,
              unrelated: Sequence[str] | str | Path | None = None, prompt_seed: int = 0,
              attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None,
-             reference_images: str | Path | None = None, exclude: Sequence[str] = ()) -> EvalResult:
+             reference_images: str | Path | None = None,
+             exclude: Sequence[str | Sequence[str]] = ()) -> EvalResult:
     """Measure what ``patch`` (an edit of any kind, or a stack of them applied in order) does to
     ``concepts`` on ``pipe``: images without and with it on the same seeds, then metrics.
 
@@ -372,10 +374,11 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     prompts of open-vocabulary judges (CLIP, NudeNet) and the concepts' preserve prompts; the
     prompts are sampled by ``prompt_seed``, which also draws the world's captions.
 
-    A concept the edits also erase (by their manifests' targets and synonyms), or that ``exclude``
-    names, is no neighbour of the one measured: it leaves its neighbour prompts (whole words) and, on
-    the world, its unrelated prompts and the other axes' draws (``settings["not_neighbours"]``
-    records what was left out). :func:`erasekit.compare` passes every compared edit's concepts, so
+    A concept the edits also erase (each manifest concept with its synonyms), or that ``exclude``
+    names (a phrase, or a list of a phrase and its synonyms), is no neighbour of the one measured: it
+    leaves its neighbour prompts (whole words) and, on the world, its unrelated prompts and the
+    other axes' draws (``settings["not_neighbours"]`` records what was left out); a concept that names
+    the measured one is its own. :func:`erasekit.compare` passes every compared edit's concepts, so
     all of them are measured on the same prompts.
 
     ``attacks`` (registered names, with their world settings when the judge is the world's, or
@@ -439,19 +442,29 @@ def evaluate(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec
     results = []
     t_gen = 0.0
     any_paraphrase = False
-    # what the measured edits erase (targets and synonyms), and what the caller says is erased besides
-    erased = [w for p in patches for c in p.manifest.get("concepts", [])
-              for w in (c.get("target"), *(c.get("synonyms") or ())) if isinstance(w, str) and w.strip()]
-    erased += [check_text(w, "an excluded concept") for w in ([exclude] if isinstance(exclude, str) else exclude)]
+    # what the measured edits erase, one entry per concept (its target and synonyms), and what the caller
+    # says is erased besides (a phrase, or a phrase with its synonyms)
+    entries = [[w.strip() for w in (c.get("target"), *(c.get("synonyms") or ())) if isinstance(w, str) and w.strip()]
+               for p in patches for c in p.manifest.get("concepts", [])]
+    for item in [exclude] if isinstance(exclude, str) else exclude:
+        words = [item] if isinstance(item, str) else list(item)
+        entries.append([check_text(w, "an excluded concept").strip() for w in words if w.strip()])
+    entries = [e for e in entries if e]
     left_out: dict[str, Any] = {}
     for spec, axis, label in resolved:
         n = len(seeds)
-        # another concept the edits erase is no neighbour: it leaves the neighbour (and world unrelated) prompts
+        # another concept the edits erase is no neighbour: it leaves the neighbour (and world unrelated) prompts.
+        # An entry that names the measured concept (any of its phrases, or on the world its value) is its own.
         mine = {w.strip().lower() for w in spec.erase_phrases}
-        co_erased = tuple(dict.fromkeys(t for t in erased if t.strip().lower() not in mine))
+
+        def own(entry: list[str]) -> bool:
+            return any(w.lower() in mine or (isinstance(judge, WorldJudge) and find_axis(w.lower()) == (axis, label))
+                       for w in entry)
+
+        co_erased = tuple(dict.fromkeys(w for e in entries if not own(e) for w in e))
         removed: dict[str, Any] = {}
-        if co_erased and spec.neighbours and spec.target not in given:
-            named = re.compile(r"(?<!\w)(" + "|".join(re.escape(t.strip().lower()) for t in co_erased) + r")(?!\w)")
+        if co_erased and spec.neighbours and spec.target not in given and not isinstance(judge, WorldJudge):
+            named = re.compile(r"(?<!\w)(" + "|".join(re.escape(t.lower()) for t in co_erased) + r")(?!\w)")
             dropped = [nb for nb in spec.neighbours if named.search(nb.lower())]
             if dropped:
                 spec = dataclasses.replace(spec, neighbours=tuple(nb for nb in spec.neighbours if nb not in dropped))
