@@ -122,7 +122,9 @@ def test_cli_tune_writes_every_candidate_and_the_chosen_edit(tmp_path):
                       (["--grid", "erase_scale=1,2", "--set", "erase_scale=3"], "by --set and by --grid"),
                       (["--method", "esd", "--grid", "trajectory_reuse=1,2", "--set", "xt_from=trained"],
                        "needs xt_from=frozen"),
-                      (["--grid", "erase_scale=1", "-c", "zebra"], "zebra")):
+                      (["--grid", "erase_scale=1", "-c", "zebra"], "zebra"),
+                      (["--grid", "erase_scale=1", "--rule", "robust"], "name the attacks with --attack"),
+                      (["--grid", "erase_scale=1", "--attack", "nope"], "nope")):
         out = tmp_path / "bad"
         argv = ["tune", "-c", "star", *args] + ([] if "-o" in args else ["-o", str(out)])
         r = CliRunner().invoke(app, argv, env=env)
@@ -140,11 +142,12 @@ class _Fake:
         self.calls.append(([s.target for s in specs], patch.manifest["config"]["erase_scale"], kw))
         concepts = []
         for s in specs:
-            h, det, nd = self.table[patch.manifest["config"]["erase_scale"], s.target]
+            h, det, nd, *post = self.table[patch.manifest["config"]["erase_scale"], s.target]
+            rob = {a: {"success": {"all": {"post_attack": {"value": v}}}} for a, v in zip(("uda", "ca"), post)}
             fam = {"H": {"value": h}, "detected_after": {"value": det}, "neighbours_kept": {"value": 1 - nd},
                    "unrelated_kept": {"value": 1.0}}
             metrics = {"specificity_neighbours_drop": {"value": nd}, "specificity_unrelated_drop": {"value": 0.0}}
-            concepts.append(type("C", (), {"concept": s.target, "metrics": metrics,
+            concepts.append(type("C", (), {"concept": s.target, "metrics": metrics, "robustness": rob,
                                            "families": lambda self, fam=fam: {"templated": fam}})())
         return type("R", (), {"concepts": concepts})()
 
@@ -185,3 +188,23 @@ def test_cli_tune_exits_1_when_no_candidate_qualifies(monkeypatch, tmp_path):
     assert r.exit_code == 1 and "chose nothing" in r.output
     d = json.loads((tmp_path / "t" / "tune.json").read_text())
     assert d["chosen"] is None and d["edit_folders"] == {} and not (tmp_path / "t" / "edit").exists()
+
+
+def test_the_robust_rule_ranks_by_the_worst_attack(world_pipe, monkeypatch, tmp_path):
+    import erasekit
+    import erasekit.evaluation
+
+    # 1.0 erases more but falls to the second attack; 6.0 holds both; 8.0 holds best but drops neighbours
+    table = {(1.0, "star"): (0.9, 0.0, 0.0, 0.1, 0.6), (6.0, "star"): (0.8, 0.1, 0.0, 0.2, 0.3),
+             (8.0, "star"): (0.7, 0.0, 0.2, 0.0, 0.0)}
+    fake = _Fake(table)
+    monkeypatch.setattr(erasekit.evaluation, "evaluate", fake)
+    res = erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0, 6.0, 8.0]}, rule="robust",
+                        attacks=["unlearndiffatk", "concept-arithmetic"], attack_seeds=[0, 1], cache=tmp_path / "c")
+    assert fake.calls[0][2]["attacks"] == ["unlearndiffatk", "concept-arithmetic"]
+    assert fake.calls[0][2]["attack_seeds"] == [0, 1]
+    assert [c["mean"]["worst_post_attack"] for c in res.candidates] == [0.6, 0.3, 0.0]
+    assert res.chosen == 1 and "worst post-attack" in res.reason
+    assert erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0, 6.0, 8.0]}, cache=tmp_path / "c").chosen == 0
+    with pytest.raises(InvalidInputError, match="name the attacks"):
+        erasekit.tune(world_pipe, "star", "uce", {"erase_scale": [1.0]}, rule="robust")

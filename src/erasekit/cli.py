@@ -220,7 +220,12 @@ def tune(
     seeds: str = typer.Option("100-115", "--seeds", help="Development seeds the candidates are measured on (the "
                               "default is disjoint from eval's 0-63)."),
     rule: str = typer.Option("h", "--rule", help="h: highest mean H; detection: lowest target detection among "
-                             "candidates whose neighbour and unrelated drops are within --max-drop."),
+                             "candidates whose neighbour and unrelated drops are within --max-drop; robust: lowest "
+                             "worst post-attack success (--attack) among those."),
+    attack: str = typer.Option("", "--attack", help="Attacks to run on every candidate, comma-separated (their "
+                               "post-attack success goes into tune.json; --rule robust ranks by it)."),
+    attack_seeds: Optional[str] = typer.Option(None, "--attack-seeds", help="Seeds the attacks run on (default: "
+                                               "the first 8 of --seeds)."),
     max_drop: float = typer.Option(0.05, "--max-drop", help="For --rule detection: the largest drop allowed."),
     separately: bool = typer.Option(False, "--separately", help="Fit and measure one edit per concept (mean over "
                                     "them) instead of one edit erasing them all."),
@@ -250,6 +255,15 @@ def tune(
         if not 0 <= max_drop <= 1:
             raise InvalidInputError(f"--max-drop {max_drop}: give a fraction between 0 and 1, e.g. 0.05")
         seed_list = parse_seeds(seeds)
+        attack_names = [a.strip() for a in attack.split(",") if a.strip()]
+        if attack_names:
+            from .attacks import get_attack
+
+            for a in attack_names:
+                get_attack(a)  # an unknown name fails before anything is loaded
+        elif rule == "robust":
+            raise InvalidInputError("--rule robust ranks by post-attack success: name the attacks with --attack")
+        attack_seed_list = parse_seeds(attack_seeds) if attack_seeds else None
         specs = (load_concepts(concepts_file, anchor=anchor, preserve=preserve) if concepts_file else []) + \
             (make_concepts(concept, anchor=anchor, preserve=preserve) if concept else [])
         if not specs:
@@ -291,12 +305,15 @@ def tune(
             m = rec["mean"]
             out.print(f"[{i + 1}/{total}] {', '.join(f'{k}={v!r}' for k, v in rec['settings'].items())}: H "
                       f"{fig(m['H'], 3)}, detected {fig(m['detected_after'])}, neighbours {fig(m['neighbours_kept'])}, "
-                      f"unrelated {fig(m['unrelated_kept'])} (fit {rec['fit_s']:.1f}s, eval {rec['eval_s']:.1f}s)")
+                      f"unrelated {fig(m['unrelated_kept'])}"
+                      + (f", worst post-attack {fig(m['worst_post_attack'])}" if m.get("worst_post_attack") is not None
+                         else "") + f" (fit {rec['fit_s']:.1f}s, eval {rec['eval_s']:.1f}s)")
 
         out.print(f"tuning {cls.name}: {n} candidate(s) on {len(seed_list)} seeds, rule {rule}"
                   + (f", each of {len(specs)} concepts on its own" if separately and len(specs) > 1 else ""))
         result = run_tune(pipe, specs, method, parsed, config=base, seeds=seed_list, judge=judge_obj, rule=rule,
-                          max_drop=max_drop, separately=separately, on_candidate=said)
+                          max_drop=max_drop, separately=separately, attacks=attack_names,
+                          attack_seeds=attack_seed_list, on_candidate=said)
         folders = {k: "edit" if len(result.edits) == 1 else "edit-" + "".join(ch if ch.isalnum() else "-" for ch in k)
                    for k in result.edits}
         with atomic_dir(output, overwrite=overwrite) as tmp:

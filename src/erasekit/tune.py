@@ -14,7 +14,9 @@ Rules:
 - ``"h"``: the highest mean harmonic score H (MACE's; over the concepts, templated family);
 - ``"detection"``: among the candidates whose neighbour and unrelated drops are at most
   ``max_drop`` for every concept (point estimates), the lowest mean detection of the target;
-  none may qualify, and then none is chosen.
+  none may qualify, and then none is chosen;
+- ``"robust"``: among the same candidates, the lowest mean (over concepts) of the worst post-attack
+  success over ``attacks``, then the lowest detection, then the highest H.
 
 Ties go to the first candidate in grid order. Each candidate is fitted from scratch, so a grid
 over RECE's ``rounds`` or a fine-tuning method's ``steps`` refits for each value: slower than
@@ -38,7 +40,7 @@ from .config import _parse, check_config
 from .edits import Edit
 from .errors import InvalidInputError
 
-RULES = ("h", "detection")
+RULES = ("h", "detection", "robust")
 MAX_CANDIDATES = 64
 #: the seeds tuning measures on by default: disjoint from ``erasekit eval``'s default 0-63
 DEV_SEEDS = tuple(range(100, 116))
@@ -138,6 +140,10 @@ def _figures(result: Any) -> dict[str, dict[str, float | None]]:
         for part in ("neighbours", "unrelated"):
             d = c.metrics.get(f"specificity_{part}_drop")
             row[f"{part}_drop"] = None if d is None else d["value"]
+        rob = getattr(c, "robustness", None) or {}
+        if rob:
+            row["post_attack"] = {a: r["success"]["all"]["post_attack"]["value"] for a, r in rob.items()}
+            row["worst_post_attack"] = max(row["post_attack"].values())
         figs[c.concept] = row
     return figs
 
@@ -155,15 +161,19 @@ def within(figures: Mapping[str, Mapping[str, float | None]], max_drop: float) -
 
 def rank_key(record: Mapping[str, Any], rule: str) -> tuple | None:
     """A candidate's place under ``rule`` (larger is better; None: it may not be chosen). Under
-    ``detection`` equal detections (common at few seeds) go to the higher H; equal keys keep the
-    earlier candidate."""
+    ``detection`` equal detections (common at few seeds) go to the higher H; under ``robust`` the
+    lowest worst post-attack success, then detection, then H; equal keys keep the earlier candidate."""
     mean = record["mean"]
     h = mean["H"] if mean["H"] is not None else -1.0
     if rule == "h":
         return (h,)
     if not record["within_max_drop"]:
         return None
-    return (-(mean["detected_after"] if mean["detected_after"] is not None else 1.0), h)
+    detected = -(mean["detected_after"] if mean["detected_after"] is not None else 1.0)
+    if rule == "robust":
+        worst = mean.get("worst_post_attack")
+        return (-(worst if worst is not None else 1.0), detected, h)
+    return (detected, h)
 
 
 @dataclass
@@ -203,14 +213,17 @@ def tune(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], m
          grid: Mapping[str, Iterable[Any]], config: Any = None, seeds: Iterable[int] = DEV_SEEDS,
          judge: Any = None, rule: str = "h", max_drop: float = 0.05, cache: Any = None,
          sampling: dict[str, Any] | None = None, anchor: str = "", preserve: Iterable[str] | str | None = None,
-         separately: bool = False,
+         separately: bool = False, attacks: Sequence[Any] = (), attack_seeds: Iterable[int] | None = None,
          on_candidate: Callable[[int, int, dict[str, Any]], None] | None = None) -> TuneResult:
     """Fit ``method`` at every combination of ``grid`` (``{"setting": [values...]}``, over
     ``config`` or the method's defaults), measure each on ``seeds`` with ``judge`` (templated
     prompts only), and choose by ``rule`` (module docstring). With several concepts, one edit
     erases them all; ``separately=True`` fits and measures one edit per concept instead (how the
-    world settings were chosen: mean H over shapes erased one at a time). ``on_candidate(i, n,
-    record)`` is called after each candidate. Returns every candidate's figures and the chosen
+    world settings were chosen: mean H over shapes erased one at a time). ``attacks`` (names or
+    :class:`~erasekit.attacks.Attack` objects, as for ``evaluate``) attack every candidate on the
+    target and synonym prompts of ``attack_seeds`` (default: the first 8 seeds) and record each
+    one's post-attack success; ``rule="robust"`` needs them. ``on_candidate(i, n, record)`` is called
+    after each candidate. Returns every candidate's figures and the chosen
     candidate's edits."""
     from .adapters import get_adapter
     from .evaluation import ImageCache, evaluate, get_judge
@@ -223,6 +236,10 @@ def tune(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], m
     seeds = list(seeds)
     if not seeds:
         raise InvalidInputError("the seed range is empty; pass e.g. --seeds 100-115")
+    attacks = [a.strip() for a in attacks.split(",") if a.strip()] if isinstance(attacks, str) else list(attacks)
+    if rule == "robust" and not attacks:
+        raise InvalidInputError("the robust rule ranks candidates by post-attack success: name the attacks, e.g. "
+                                "--attack unlearndiffatk,concept-arithmetic")
     cls = get_method(method)
     base = config if config is not None else cls.Config()
     if not isinstance(base, cls.Config):
@@ -246,12 +263,12 @@ def tune(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], m
             edit = m.fit(adapter, group)
             t1 = time.perf_counter()
             res = evaluate(pipe, group, patch=edit, seeds=seeds, judge=judge, cache=cache, sampling=sampling,
-                           paraphrase=False, keep_images=False)
+                           paraphrase=False, keep_images=False, attacks=attacks, attack_seeds=attack_seeds)
             fit_s, eval_s = fit_s + t1 - t0, eval_s + time.perf_counter() - t1
             figs.update(_figures(res))
             edits["+".join(c.target for c in group)] = edit
-        mean = {k: _mean(f[k] for f in figs.values()) for k in ("H", "detected_after", "neighbours_kept",
-                                                                  "unrelated_kept")}
+        mean = {k: _mean(f.get(k) for f in figs.values()) for k in ("H", "detected_after", "neighbours_kept",
+                                                                      "unrelated_kept", "worst_post_attack")}
         record = {"settings": settings, "figures": figs, "mean": mean, "within_max_drop": within(figs, max_drop),
                   "fit_s": round(fit_s, 2), "eval_s": round(eval_s, 2),
                   "edit_digests": {k: e.digest for k, e in edits.items()}}
@@ -273,6 +290,7 @@ def tune(pipe: Any, concepts: str | ConceptSpec | Iterable[str | ConceptSpec], m
     else:
         c = result.candidates[result.chosen]
         result.reason = ("highest mean H" if rule == "h" else
-                         f"lowest mean target detection with drops <= {max_drop:.2f}") + \
+                         f"lowest mean target detection with drops <= {max_drop:.2f}" if rule == "detection" else
+                         f"lowest worst post-attack success with drops <= {max_drop:.2f}") + \
             f" ({', '.join(f'{k}={v!r}' for k, v in c['settings'].items())})"
     return result
