@@ -184,7 +184,7 @@ def safree_rows(x: torch.Tensor, length: int, masked: torch.Tensor, p_toxic: tor
     out = x.clone()
     out[:length] = torch.where(rows_mask[:length, None], proj.to(x.dtype), x[:length])
     cos = torch.nn.functional.cosine_similarity(proj, x[:length].to(torch.float64), dim=-1)
-    beta = float(1.0 - cos.mean())
+    beta = float(1.0 - cos.mean().detach())  # a number (steps), never part of a graph an attack differentiates
     return Projected(out, trig, beta, svf_steps(beta, cfg.up_t, cfg.svf_k, cfg.svf_midpoint))
 
 
